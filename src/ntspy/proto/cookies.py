@@ -1,0 +1,130 @@
+"""Server cookies (RFC 8915 s6): stateless, sealed under rotating master keys.
+
+A cookie carries everything the server needs to answer a client, so the
+server keeps no per-client state::
+
+    key id (u32) | nonce (16) | AEAD_AES_SIV_CMAC_256(master key)(
+        u16 AEAD id | u16 zero | C2S key | S2C key)
+
+with the key id as associated data. With AES-SIV-CMAC-256 client keys that
+is 104 bytes, with AES-128-GCM-SIV 72: always a multiple of four.
+
+The :class:`KeyRing` holds the current master key and a few previous ones, so
+cookies issued before a rotation keep working for a while.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..errors import AuthenticationFailure, MalformedPacket
+from .aead import Aead, AeadId, info
+
+MASTER_KEY_ALGORITHM = AeadId.AES_SIV_CMAC_256
+MASTER_KEY_LEN = 32
+COOKIE_NONCE_LEN = 16
+DEFAULT_KEPT_KEYS = 3  # current + 2 previous: cookies outlive two rotations
+_PREFIX = struct.Struct("!I")
+_PLAIN_HEADER = struct.Struct("!HH")
+_TAG_LEN = 16
+
+
+@dataclass(slots=True)
+class CookieKeys:
+    """What a cookie carries: the negotiated AEAD and the two session keys."""
+
+    aead_id: int
+    c2s: bytes
+    s2c: bytes
+
+
+@dataclass(slots=True)
+class MasterKey:
+    key_id: int
+    key: bytes
+    created: int  # Unix seconds, handed in by the caller
+
+    def __post_init__(self) -> None:
+        if len(self.key) != MASTER_KEY_LEN:
+            raise ValueError(f"master key must be {MASTER_KEY_LEN} bytes")
+        if not 0 <= self.key_id <= 0xFFFFFFFF:
+            raise ValueError("master key id must fit in 32 bits")
+
+
+def cookie_length(aead_id: int) -> int:
+    """Length of the cookies we issue for clients using ``aead_id``."""
+    key_len = info(aead_id).key_length
+    return _PREFIX.size + COOKIE_NONCE_LEN + _PLAIN_HEADER.size + 2 * key_len + _TAG_LEN
+
+
+class KeyRing:
+    """Master keys, newest first. Only the newest seals; all of them open."""
+
+    def __init__(self, keys: Iterable[MasterKey] = (), kept: int = DEFAULT_KEPT_KEYS) -> None:
+        if kept < 1:
+            raise ValueError("a key ring keeps at least one key")
+        self.kept = kept
+        self._keys: list[MasterKey] = []
+        self._aeads: dict[int, Aead] = {}
+        for key in sorted(keys, key=lambda k: k.created):
+            self.add(key)
+
+    @property
+    def keys(self) -> list[MasterKey]:
+        return list(self._keys)
+
+    @property
+    def current(self) -> MasterKey:
+        if not self._keys:
+            raise LookupError("key ring is empty")
+        return self._keys[0]
+
+    def add(self, key: MasterKey) -> None:
+        """Make ``key`` the current key; the oldest beyond ``kept`` are forgotten."""
+        if key.key_id in self._aeads:
+            raise ValueError(f"key id {key.key_id:08x} already in the ring")
+        self._keys.insert(0, key)
+        self._aeads[key.key_id] = Aead(MASTER_KEY_ALGORITHM, key.key)
+        for old in self._keys[self.kept:]:
+            del self._aeads[old.key_id]
+        del self._keys[self.kept:]
+
+    def due(self, now: int, interval: int) -> bool:
+        """Whether the current key is older than ``interval`` seconds (0 = never)."""
+        return not self._keys or (interval > 0 and now - self.current.created >= interval)
+
+    def seal(self, keys: CookieKeys, nonce: bytes) -> bytes:
+        """A new cookie for ``keys`` under the current master key."""
+        if len(nonce) != COOKIE_NONCE_LEN:
+            raise ValueError("cookie nonce must be 16 bytes")
+        current = self.current
+        prefix = _PREFIX.pack(current.key_id)
+        plaintext = _PLAIN_HEADER.pack(keys.aead_id, 0) + keys.c2s + keys.s2c
+        return prefix + nonce + self._aeads[current.key_id].seal(nonce, plaintext, prefix)
+
+    def open(self, cookie: bytes) -> CookieKeys:
+        """The keys inside ``cookie``.
+
+        Raises :class:`AuthenticationFailure` for an unknown key id or a cookie
+        that does not verify (the server answers those with an NTS NAK), and
+        :class:`MalformedPacket` for one that cannot be a cookie at all.
+        """
+        head = _PREFIX.size + COOKIE_NONCE_LEN
+        if len(cookie) < head + _PLAIN_HEADER.size + _TAG_LEN:
+            raise MalformedPacket(f"cookie too short ({len(cookie)} bytes)")
+        (key_id,) = _PREFIX.unpack_from(cookie, 0)
+        aead = self._aeads.get(key_id)
+        if aead is None:
+            raise AuthenticationFailure(f"cookie under unknown master key {key_id:08x}")
+        plaintext = aead.open(cookie[_PREFIX.size:head], cookie[head:], cookie[:_PREFIX.size])
+        aead_id, _ = _PLAIN_HEADER.unpack_from(plaintext, 0)
+        try:
+            key_len = info(aead_id).key_length
+        except KeyError:
+            raise AuthenticationFailure(f"cookie names unknown AEAD {aead_id}") from None
+        body = plaintext[_PLAIN_HEADER.size:]
+        if len(body) != 2 * key_len:
+            raise AuthenticationFailure("cookie keys have the wrong length")
+        return CookieKeys(aead_id, body[:key_len], body[key_len:])
