@@ -68,6 +68,12 @@ class KeyRing:
         self.kept = kept
         self._keys: list[MasterKey] = []
         self._aeads: dict[int, Aead] = {}
+        self.replace(keys)
+
+    def replace(self, keys: Iterable[MasterKey]) -> None:
+        """Swap in a new set of keys (e.g. reloaded from disk), keeping this object."""
+        self._keys.clear()
+        self._aeads.clear()
         for key in sorted(keys, key=lambda k: k.created):
             self.add(key)
 

@@ -1,0 +1,174 @@
+"""The server's sans-I/O parts: responder, access rules, rate limiting, key store."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+from pathlib import Path
+
+from ntspy.proto.aead import Aead, AeadId
+from ntspy.proto.cookies import CookieKeys
+from ntspy.proto.ntp import Mode, NtpHeader, encode_ef, ntp_to_unix_ns, unix_ns_to_ntp
+from ntspy.proto.nts import EfType, build_request, verify_response
+from ntspy.server.access import AccessTable, Rule
+from ntspy.server.keys import KEY_FILE_NAME, KeyStore
+from ntspy.server.ratelimit import RateLimiter, Verdict
+from ntspy.server.responder import Responder, SyncState
+from ntspy.server.stats import StatsTable, format_serverstats
+
+NOW = 1_800_000_000 * 10**9
+AEAD = AeadId.AES_SIV_CMAC_256
+C2S, S2C = Aead(AEAD, os.urandom(32)), Aead(AEAD, os.urandom(32))
+
+
+def make(tmp: Path | None = None, **kw: object) -> tuple[Responder, StatsTable, KeyStore]:
+    store = KeyStore(tmp, 3600)
+    store.load(NOW // 10**9)
+    table = StatsTable()
+    r = Responder(store.ring, table.row(), os.urandom, **kw)  # type: ignore[arg-type]
+    r.state = SyncState.local(1, unix_ns_to_ntp(NOW))
+    return r, table, store
+
+
+def plain_request(xmt: int = 42, version: int = 4) -> bytes:
+    return NtpHeader(version=version, mode=Mode.CLIENT, poll=6, transmit_ts=xmt).pack()
+
+
+def nts_request(store: KeyStore, cookie: bytes | None = None, placeholders: int = 0) -> bytes:
+    if cookie is None:
+        cookie = store.ring.seal(CookieKeys(AEAD, C2S.key, S2C.key), os.urandom(16))
+    return build_request(NtpHeader(mode=Mode.CLIENT, transmit_ts=99), b"i" * 32, cookie,
+                         placeholders, C2S, os.urandom(16))
+
+
+def test_plain_response_fields() -> None:
+    r, table, _ = make()
+    out = r.handle(plain_request(version=3), "127.0.0.1", NOW, lambda: NOW + 1000)
+    assert out is not None and len(out) == 48
+    h = NtpHeader.unpack(out)
+    assert (h.mode, h.version, h.stratum, h.origin_ts, h.poll) == (Mode.SERVER, 3, 1, 42, 6)
+    assert h.reference_id == bytes([127, 127, 1, 1])
+    assert ntp_to_unix_ns(h.receive_ts, NOW) - NOW in (0, 1)
+    assert abs(ntp_to_unix_ns(h.transmit_ts, NOW) - (NOW + 1000)) <= 1
+    assert table.totals()["ntp_received"] == 1
+
+
+def test_nts_response_is_authenticated_and_not_larger() -> None:
+    r, table, store = make()
+    req = nts_request(store, placeholders=7)
+    out = r.handle(req, "127.0.0.1", NOW, lambda: NOW)
+    assert out is not None and len(out) <= len(req)
+    verified = verify_response(out, b"i" * 32, 99, S2C)
+    assert len(verified.cookies) == 8
+    assert table.totals()["nts_authenticated"] == 1
+
+
+def test_unknown_cookie_gets_nak_and_counts() -> None:
+    r, table, store = make()
+    out = r.handle(nts_request(store, cookie=os.urandom(104)), "127.0.0.1", NOW, lambda: NOW)
+    assert out is not None
+    h = NtpHeader.unpack(out)
+    assert (h.stratum, h.reference_id) == (0, b"NTSN")
+    assert table.totals()["nts_naks"] == 1
+
+
+def test_malformed_and_wrong_mode_dropped_and_counted() -> None:
+    r, table, store = make()
+    assert r.handle(b"\x23" * 20, "127.0.0.1", NOW, lambda: NOW) is None
+    server_mode = NtpHeader(mode=Mode.SERVER).pack()
+    assert r.handle(server_mode, "127.0.0.1", NOW, lambda: NOW) is None
+    broken_ef = plain_request() + b"\x01\x04\x00\x40" + bytes(12)
+    assert r.handle(broken_ef, "127.0.0.1", NOW, lambda: NOW) is None
+    assert table.totals()["ntp_malformed"] == 3
+    # Still serves a good client after all that.
+    assert r.handle(plain_request(), "127.0.0.1", NOW, lambda: NOW) is not None
+
+
+def test_unknown_extension_fields_get_a_plain_answer() -> None:
+    r, _, _ = make()
+    req = plain_request() + encode_ef(0x7777, b"hello")
+    out = r.handle(req, "127.0.0.1", NOW, lambda: NOW)
+    assert out is not None and len(out) == 48
+
+
+def test_access_rules_most_specific_wins() -> None:
+    t = AccessTable([
+        Rule(True, ipaddress.ip_network("10.0.0.0/8")),
+        Rule(False, ipaddress.ip_network("10.1.0.0/16")),
+        Rule(True, ipaddress.ip_network("10.1.2.0/24")),
+    ])
+    assert t.allowed("10.9.9.9") and not t.allowed("10.1.9.9") and t.allowed("10.1.2.3")
+    assert not t.allowed("192.0.2.1") and not t.allowed("::1") and not t.allowed("junk")
+    assert AccessTable([Rule(True, None)]).allowed("::1")
+    assert t.allowed("::ffff:10.9.9.9")
+
+
+def test_denied_client_gets_nothing() -> None:
+    r, table, _ = make(access=AccessTable([Rule(True, ipaddress.ip_network("127.0.0.2/32"))]))
+    assert r.handle(plain_request(), "127.0.0.1", NOW, lambda: NOW) is None
+    assert table.totals()["ntp_denied"] == 1
+
+
+def test_rate_limit_burst_then_leak_with_rate_kiss() -> None:
+    limiter = RateLimiter(interval=3, burst=4, leak=1)
+    verdicts = [limiter.check("a", NOW) for _ in range(8)]
+    assert verdicts[:4] == [Verdict.PASS] * 4
+    assert verdicts[4:] == [Verdict.DROP, Verdict.LEAK, Verdict.DROP, Verdict.LEAK]
+    assert limiter.check("b", NOW) is Verdict.PASS  # other clients unaffected
+    assert limiter.check("a", NOW + 8 * 10**9) is Verdict.PASS  # refilled after 2**3 s
+
+    r, table, _ = make(ratelimit=RateLimiter(interval=3, burst=1, leak=0))
+    assert NtpHeader.unpack(r.handle(plain_request(), "c", NOW, lambda: NOW) or b"").stratum == 1
+    kiss = r.handle(plain_request(), "c", NOW, lambda: NOW)
+    assert kiss is not None and NtpHeader.unpack(kiss).reference_id == b"RATE"
+    assert table.totals()["ntp_rate_kod"] == 1
+
+
+def test_rate_limiter_table_is_bounded() -> None:
+    limiter = RateLimiter(0, 1, 0, max_clients=100)
+    for i in range(1000):
+        limiter.check(str(i), NOW)
+    assert len(limiter._buckets) == 100
+
+
+def test_key_store_persists_and_survives_restart(tmp_path: Path) -> None:
+    r, _, store = make(tmp_path)
+    path = tmp_path / KEY_FILE_NAME
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    req = nts_request(store)
+    # "Restart": a new store loads the same ring and still accepts the old cookie.
+    r2, _, store2 = make(tmp_path)
+    assert [k.key_id for k in store2.ring.keys] == [k.key_id for k in store.ring.keys]
+    out = r2.handle(req, "127.0.0.1", NOW, lambda: NOW)
+    assert out is not None and verify_response(out, b"i" * 32, 99, S2C)
+
+
+def test_corrupt_key_file_is_moved_aside_and_replaced(tmp_path: Path) -> None:
+    make(tmp_path)
+    path = tmp_path / KEY_FILE_NAME
+    path.write_bytes(path.read_bytes()[:-10])
+    _, _, store = make(tmp_path)
+    assert len(store.ring.keys) == 1
+    assert any(p.name.startswith(KEY_FILE_NAME + ".corrupt") for p in tmp_path.iterdir())
+    assert path.exists()
+
+
+def test_rotation_keeps_old_cookies_until_the_ring_forgets() -> None:
+    _, _, store = make()
+    keys = CookieKeys(AEAD, C2S.key, S2C.key)
+    old = store.ring.seal(keys, os.urandom(16))
+    store.rotate(NOW // 10**9 + 1)
+    store.rotate(NOW // 10**9 + 2)
+    assert store.ring.open(old) == keys
+    store.rotate(NOW // 10**9 + 3)
+    assert len(store.ring.keys) == 3
+
+
+def test_serverstats_format() -> None:
+    table = StatsTable(workers=2, shared=True)
+    table.row(0).add("ntp_received", 5)
+    table.row(1).add("ntp_received", 7)
+    text = format_serverstats(table.totals())
+    assert "NTP packets received       : 12\n" in text
+    assert "NTS-KE connections accepted: 0\n" in text
