@@ -7,11 +7,12 @@ import os
 import stat
 from pathlib import Path
 
+from ntspy.config import AccessRule as Rule
 from ntspy.proto.aead import Aead, AeadId
 from ntspy.proto.cookies import CookieKeys
 from ntspy.proto.ntp import Mode, NtpHeader, encode_ef, ntp_to_unix_ns, unix_ns_to_ntp
-from ntspy.proto.nts import EfType, build_request, verify_response
-from ntspy.server.access import AccessTable, Rule
+from ntspy.proto.nts import build_request, verify_response
+from ntspy.server.access import AccessTable
 from ntspy.server.keys import KEY_FILE_NAME, KeyStore
 from ntspy.server.ratelimit import RateLimiter, Verdict
 from ntspy.server.responder import Responder, SyncState
@@ -74,7 +75,7 @@ def test_unknown_cookie_gets_nak_and_counts() -> None:
 
 
 def test_malformed_and_wrong_mode_dropped_and_counted() -> None:
-    r, table, store = make()
+    r, table, _store = make()
     assert r.handle(b"\x23" * 20, "127.0.0.1", NOW, lambda: NOW) is None
     server_mode = NtpHeader(mode=Mode.SERVER).pack()
     assert r.handle(server_mode, "127.0.0.1", NOW, lambda: NOW) is None
@@ -100,7 +101,7 @@ def test_access_rules_most_specific_wins() -> None:
     ])
     assert t.allowed("10.9.9.9") and not t.allowed("10.1.9.9") and t.allowed("10.1.2.3")
     assert not t.allowed("192.0.2.1") and not t.allowed("::1") and not t.allowed("junk")
-    assert AccessTable([Rule(True, None)]).allowed("::1")
+    assert AccessTable([Rule(True, None, all=True)]).allowed("::1")
     assert t.allowed("::ffff:10.9.9.9")
 
 
@@ -133,7 +134,7 @@ def test_rate_limiter_table_is_bounded() -> None:
 
 
 def test_key_store_persists_and_survives_restart(tmp_path: Path) -> None:
-    r, _, store = make(tmp_path)
+    _r, _, store = make(tmp_path)
     path = tmp_path / KEY_FILE_NAME
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     req = nts_request(store)
