@@ -46,7 +46,8 @@ class KeyStore:
         if self.path is not None:
             try:
                 self.ring.replace(self._read())
-                log.info("loaded %d NTS master keys from %s", len(self.ring.keys), self.path)
+                if self.ring.keys:
+                    log.info("loaded %d NTS master keys from %s", len(self.ring.keys), self.path)
             except StateFileError as exc:
                 log.error("NTS server keys unusable, starting a new key ring: %s", exc)
         self.rotate_if_due(now)

@@ -1,0 +1,414 @@
+"""``ntspy serve``: the NTS server daemon (NTS-KE + NTP responder).
+
+One process by default; with ``ntsprocesses N`` (N > 1) the main process
+binds the sockets, forks N workers that all answer NTP and NTS-KE on them,
+and keeps the jobs that must happen once: master key rotation (workers pick
+new keys up from the key file), the control socket and adding up the
+counters, which live in shared memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ..clock import Clock, SystemClock
+from ..config import Config, RateLimit, load_config
+from ..control.protocol import DEFAULT_SOCKET, ControlServer
+from ..errors import CertificateError, ConfigError, NtsError
+from ..net.tls import ServerContexts
+from ..net.udp import UdpServer
+from ..proto import aead
+from ..proto.ntp import unix_ns_to_ntp
+from .access import AccessTable
+from .ke_server import KeServer
+from .keys import KeyStore
+from .negotiation import KePolicy
+from .ratelimit import RateLimiter
+from .responder import Responder, SyncState
+from .stats import StatsTable, format_serverstats
+
+log = logging.getLogger("ntspy.server")
+
+HOUSEKEEPING_INTERVAL = 1.0
+
+
+def _limiter(rl: RateLimit | None) -> RateLimiter | None:
+    return RateLimiter(rl.interval, rl.burst, rl.leak) if rl is not None else None
+
+
+def _bind_addresses(config: Config) -> list[str]:
+    return config.bindaddress or (["::"] if socket.has_ipv6 else ["0.0.0.0"])
+
+
+def open_udp_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6 and host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def open_tcp_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass(slots=True)
+class Sockets:
+    """The listening sockets, bound before any worker starts."""
+
+    ntp: list[socket.socket] = field(default_factory=list)
+    ke: list[socket.socket] = field(default_factory=list)
+
+    @classmethod
+    def bind(cls, config: Config) -> Sockets:
+        out = cls()
+        for host in _bind_addresses(config):
+            if config.port:
+                out.ntp.append(open_udp_socket(host, config.port))
+            if config.ntsport and config.ntsservercert:
+                out.ke.append(open_tcp_socket(host, config.ntsport))
+        return out
+
+    def close(self) -> None:
+        for s in self.ntp + self.ke:
+            s.close()
+
+
+class ServerDaemon:
+    """Everything one serving process runs; the demo and tests use it in-process."""
+
+    def __init__(
+        self,
+        config: Config,
+        sockets: Sockets,
+        *,
+        clock: Clock | None = None,
+        stats: StatsTable | None = None,
+        worker: int = 0,
+        manage_keys: bool = True,
+        key_dir: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.sockets = sockets
+        self.clock = clock or SystemClock()
+        self.stats_table = stats or StatsTable()
+        self.stats = self.stats_table.row(worker)
+        self.manage_keys = manage_keys
+        self.keys = KeyStore(key_dir or config.ntsdumpdir, config.ntsrotate)
+        self.contexts: ServerContexts | None = None
+        self.responder: Responder | None = None
+        self.ke_server: KeServer | None = None
+        self.udp: list[UdpServer] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.local_state = config.local_stratum
+
+    def load_credentials(self) -> None:
+        pairs = self.config.nts_server_credentials()
+        if pairs:
+            self.contexts = ServerContexts(pairs, datetime.now(UTC))
+
+    async def start(self) -> None:
+        now_s = self.clock.now_ns() // 1_000_000_000
+        if self.manage_keys:
+            self.keys.load(now_s)
+        else:
+            self.keys.refresh()
+        responder = Responder(
+            self.keys.ring,
+            self.stats,
+            os.urandom,
+            access=AccessTable(self.config.access),
+            ratelimit=_limiter(self.config.ratelimit),
+        )
+        self.responder = responder
+        self._update_sync_state()
+        clock = self.clock
+
+        def handle(data: bytes, addr: Any, rx_ns: int) -> bytes | None:
+            return responder.handle(data, addr[0], rx_ns, clock.now_ns)
+
+        for sock in self.sockets.ntp:
+            self.udp.append(UdpServer(sock, clock, handle))
+        if self.sockets.ke:
+            if self.contexts is None:
+                self.load_credentials()
+            assert self.contexts is not None
+            allowed = self.config.ntsaeads or aead.supported()
+            self.ke_server = KeServer(
+                self.contexts,
+                self.keys.ring,
+                KePolicy(
+                    [a for a in allowed if a in aead.supported()],
+                    self.config.ntsntpserver,
+                    self.ntp_port,
+                ),
+                self.stats,
+                max_connections=self.config.maxntsconnections,
+                ratelimit=_limiter(self.config.ntsratelimit),
+            )
+            for sock in self.sockets.ke:
+                await self.ke_server.start(None, 0, sock=sock)
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+
+    @property
+    def ntp_port(self) -> int:
+        if self.sockets.ntp:
+            return int(self.sockets.ntp[0].getsockname()[1])
+        return self.config.port
+
+    @property
+    def ke_port(self) -> int:
+        if self.sockets.ke:
+            return int(self.sockets.ke[0].getsockname()[1])
+        return self.config.ntsport
+
+    def _update_sync_state(self) -> None:
+        if self.responder is not None and self.local_state is not None:
+            self.responder.state = SyncState.local(
+                self.local_state, unix_ns_to_ntp(self.clock.now_ns())
+            )
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            self._update_sync_state()
+            try:
+                if self.manage_keys:
+                    self.keys.rotate_if_due(self.clock.now_ns() // 1_000_000_000)
+                else:
+                    self.keys.refresh()
+            except (OSError, NtsError) as exc:
+                log.error("NTS key housekeeping failed: %s", exc)
+            self._copy_udp_counters()
+
+    def _copy_udp_counters(self) -> None:
+        kernel = sum(u.stats.kernel_rx_timestamps for u in self.udp)
+        daemon = sum(u.stats.daemon_rx_timestamps for u in self.udp)
+        self.stats.add("kernel_rx", kernel - self.stats.get("kernel_rx"))
+        self.stats.add("daemon_rx", daemon - self.stats.get("daemon_rx"))
+
+    def reload_certificates(self) -> None:
+        if self.contexts is None:
+            return
+        try:
+            self.contexts.reload(datetime.now(UTC))
+            log.info("reloaded NTS server certificates")
+        except CertificateError as exc:
+            log.error("certificate reload failed, keeping the old ones: %s", exc)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._copy_udp_counters()
+        for u in self.udp:
+            u.close()
+        if self.ke_server is not None:
+            await self.ke_server.close()
+        if self.manage_keys:
+            try:
+                self.keys.save()
+            except OSError as exc:
+                log.error("could not save NTS server keys: %s", exc)
+
+    def control_handlers(self) -> dict[str, Any]:
+        async def serverstats(args: list[str]) -> dict[str, int]:
+            self._copy_udp_counters()
+            return self.stats_table.totals()
+
+        async def keys(args: list[str]) -> list[dict[str, int]]:
+            now = self.clock.now_ns() // 1_000_000_000
+            return [{"id": k.key_id, "age": now - k.created} for k in self.keys.ring.keys]
+
+        return {"serverstats": serverstats, "serverkeys": keys}
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-f", "--config", required=True, type=Path, help="configuration file")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def control_path(config: Config) -> Path:
+    for entry in config.bindcmdaddress:
+        if entry.startswith("/"):
+            return Path(entry)
+    return DEFAULT_SOCKET
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+        for lineno, directive in config.ignored:
+            log.info("%s:%d: ignoring directive %s", config.filename, lineno, directive)
+        return asyncio.run(_serve(config)) if config.ntsprocesses <= 1 else _serve_workers(config)
+    except (ConfigError, CertificateError) as exc:
+        print(f"ntspy: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"ntspy: cannot start the server: {exc}", file=sys.stderr)
+        return 1
+
+
+def _stop_event() -> asyncio.Event:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _serve(config: Config) -> int:
+    sockets = Sockets.bind(config)
+    daemon = ServerDaemon(config, sockets)
+    daemon.load_credentials()
+    await daemon.start()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload_certificates)
+    control = ControlServer(control_path(config), daemon.control_handlers())
+    await control.start()
+    log.info("serving NTP on port %d and NTS-KE on port %d", daemon.ntp_port, daemon.ke_port)
+    await _stop_event().wait()
+    log.info("shutting down")
+    await control.close()
+    await daemon.stop()
+    sockets.close()
+    return 0
+
+
+def _serve_workers(config: Config) -> int:
+    sockets = Sockets.bind(config)
+    stats = StatsTable(config.ntsprocesses, shared=True)
+    private_keys = None
+    key_dir = config.ntsdumpdir
+    if key_dir is None:
+        # Workers learn about rotations from the key file: without ntsdumpdir,
+        # keep it in a private directory that lives as long as the server.
+        private_keys = tempfile.TemporaryDirectory(prefix="ntspy-keys-")
+        key_dir = Path(private_keys.name)
+    main = ServerDaemon(config, Sockets(), stats=stats, key_dir=key_dir)
+    main.load_credentials()  # fail at start-up, before forking, on a bad certificate
+    main.keys.load(int(time.time()))
+    children: dict[int, int] = {}
+
+    def spawn(worker: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = asyncio.run(_worker(config, sockets, stats, worker, key_dir))
+            finally:
+                os._exit(code)
+        children[pid] = worker
+
+    for w in range(config.ntsprocesses):
+        spawn(w)
+    try:
+        return asyncio.run(_supervise(config, main, children, spawn))
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in list(children):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        main.keys.save()
+        sockets.close()
+        if private_keys is not None:
+            private_keys.cleanup()
+
+
+async def _worker(
+    config: Config, sockets: Sockets, stats: StatsTable, worker: int, key_dir: Path
+) -> int:
+    daemon = ServerDaemon(
+        config, sockets, stats=stats, worker=worker, manage_keys=False, key_dir=key_dir
+    )
+    await daemon.start()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, daemon.reload_certificates)
+    await _stop_event().wait()
+    await daemon.stop()
+    return 0
+
+
+async def _supervise(
+    config: Config, main: ServerDaemon, children: dict[int, int], spawn: Any
+) -> int:
+    control = ControlServer(control_path(config), main.control_handlers())
+    await control.start()
+    stop = _stop_event()
+    loop = asyncio.get_running_loop()
+
+    def forward_hup() -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    loop.add_signal_handler(signal.SIGHUP, forward_hup)
+    log.info("serving with %d worker processes", len(children))
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), HOUSEKEEPING_INTERVAL)
+        main.keys.rotate_if_due(int(time.time()))
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            worker = children.pop(pid, None)
+            if worker is not None and not stop.is_set():
+                log.error("worker %d (pid %d) exited with %d; restarting", worker, pid, status)
+                spawn(worker)
+    await control.close()
+    return 0
+
+
+def print_serverstats(totals: dict[str, int]) -> None:
+    sys.stdout.write(format_serverstats(totals))
