@@ -208,9 +208,9 @@ class ServerDaemon:
                     self.keys.refresh()
             except (OSError, NtsError) as exc:
                 log.error("NTS key housekeeping failed: %s", exc)
-            self._copy_udp_counters()
+            self.refresh_counters()
 
-    def _copy_udp_counters(self) -> None:
+    def refresh_counters(self) -> None:
         kernel = sum(u.stats.kernel_rx_timestamps for u in self.udp)
         daemon = sum(u.stats.daemon_rx_timestamps for u in self.udp)
         self.stats.add("kernel_rx", kernel - self.stats.get("kernel_rx"))
@@ -231,7 +231,7 @@ class ServerDaemon:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._copy_udp_counters()
+        self.refresh_counters()
         for u in self.udp:
             u.close()
         if self.ke_server is not None:
@@ -244,7 +244,7 @@ class ServerDaemon:
 
     def control_handlers(self) -> dict[str, Any]:
         async def serverstats(args: list[str]) -> dict[str, int]:
-            self._copy_udp_counters()
+            self.refresh_counters()
             return self.stats_table.totals()
 
         async def keys(args: list[str]) -> list[dict[str, int]]:
