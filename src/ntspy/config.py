@@ -33,13 +33,12 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .proto.aead import AeadId
+from .proto.ke import DEFAULT_KE_PORT
 from .proto.ntp import NTP_PORT
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-DEFAULT_NTS_KE_PORT = 4460
-"""IANA port of NTS-KE (RFC 8915 s4)."""
 
 COMMENT_CHARS = "!;#%"
 MAX_CONFIG_SIZE = 1 << 20
@@ -68,7 +67,7 @@ class SourceConfig:
     pool: bool = False
     port: int = NTP_PORT
     nts: bool = False
-    ntsport: int = DEFAULT_NTS_KE_PORT
+    ntsport: int = DEFAULT_KE_PORT
     iburst: bool = False
     burst: bool = False
     minpoll: int = DEFAULT_MINPOLL
@@ -124,7 +123,7 @@ class Config:
     sources: list[SourceConfig] = field(default_factory=list)
     # server role
     port: int = NTP_PORT
-    ntsport: int = DEFAULT_NTS_KE_PORT
+    ntsport: int = DEFAULT_KE_PORT
     bindaddress: list[str] = field(default_factory=list)
     access: list[AccessRule] = field(default_factory=list)
     local_stratum: int | None = None
