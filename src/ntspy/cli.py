@@ -237,24 +237,14 @@ def _add_trust_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _add_external(
-    sub: Any, name: str, module: str, help_text: str
-) -> None:
-    """Register a subcommand whose options and code live in ``module``."""
+def _add_external(sub: Any, name: str, module: str, help_text: str) -> None:
+    """Register a subcommand whose options and code live in ``module``.
+
+    Imported here rather than at the top so that ``ntspy query`` does not load
+    the server.
+    """
     p = sub.add_parser(name, help=help_text)
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        message = f"{PROG}: '{name}' is not available in this build ({module} missing)"
-
-        def missing(_: argparse.Namespace) -> int:
-            print(message, file=sys.stderr)
-            return 2
-
-        p.set_defaults(func=missing)
-        return
+    mod = importlib.import_module(module)
     mod.add_arguments(p)
     p.set_defaults(func=mod.run)
 
@@ -282,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_external(sub, "serve", "ntspy.server.daemon", "run an NTS/NTP server")
     _add_external(sub, "demo", "ntspy.demo", "run a local NTS server and query it")
+    _add_external(sub, "ctl", "ntspy.control.cli", "ask a running ntspy daemon for its status")
     return parser
 
 
