@@ -4,14 +4,16 @@ Protocol code never reads a clock; the I/O adapters (``ntspy.net``,
 ``ntspy.client``, ``ntspy.server``) take a :class:`Clock` and pass the
 readings in.  Tests hand them a :class:`ManualClock` instead.
 
-Only reading lives here for now.  Disciplining the system clock (slewing and
-stepping through ``adjtimex`` / ``clock_adjtime``) belongs to the sync loop and
-will extend this module with its own interface; reading must never need
-CAP_SYS_TIME.
+Reading never needs CAP_SYS_TIME. Correcting the clock goes through the
+:class:`ClockControl` interface: :class:`SystemClockControl` (``clock_adjtime``,
+needs CAP_SYS_TIME), :class:`MeasureOnlyClock` (``-x``: records, never
+changes anything) and the simulated clock in :mod:`ntspy.sync.sim`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import time
 from typing import Protocol, runtime_checkable
 
@@ -52,3 +54,144 @@ class ManualClock:
     def advance(self, delta_ns: int) -> None:
         """Move forward (or back, if negative) by ``delta_ns``."""
         self._now += delta_ns
+
+
+# ---------------------------------------------------------------------------
+# Controlling the clock
+
+
+@runtime_checkable
+class ClockControl(Clock, Protocol):
+    """A clock the sync loop may correct: step, slew and frequency.
+
+    Offsets follow chrony's tracking sign: ``step(+0.5)`` moves the clock
+    0.5 s forward (it was slow); ``slew`` does the same gradually.
+    """
+
+    def step(self, offset_s: float) -> None: ...
+
+    def slew(self, offset_s: float) -> None: ...
+
+    def set_frequency(self, ppm: float) -> None: ...
+
+    @property
+    def can_control(self) -> bool: ...
+
+
+class MeasureOnlyClock(SystemClock):
+    """The system clock, never corrected (``chronyd -x``): corrections are only recorded."""
+
+    __slots__ = ("frequency_ppm", "pending_slew_s", "steps")
+
+    can_control = False
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+        self.pending_slew_s = 0.0
+        self.frequency_ppm = 0.0
+
+    def step(self, offset_s: float) -> None:
+        self.steps.append(offset_s)
+
+    def slew(self, offset_s: float) -> None:
+        self.pending_slew_s = offset_s
+
+    def set_frequency(self, ppm: float) -> None:
+        self.frequency_ppm = ppm
+
+
+# Linux struct timex (include/uapi/linux/timex.h), read and written with
+# clock_adjtime(). Resolved from the process's own symbol table (CDLL(None)) so
+# that preloaded time simulators interpose it as they do for chronyd.
+_ADJ_OFFSET_SINGLESHOT = 0x8001
+_ADJ_FREQUENCY = 0x0002
+_ADJ_SETOFFSET = 0x0100
+_ADJ_NANO = 0x2000
+_FREQ_SCALE = 65536.0  # timex.freq is ppm with a 16-bit fraction
+MAX_FREQUENCY_PPM = 500.0  # the kernel's limit for timex.freq
+
+
+class _Timeval(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+
+
+class Timex(ctypes.Structure):
+    _fields_ = [
+        ("modes", ctypes.c_uint),
+        ("offset", ctypes.c_long),
+        ("freq", ctypes.c_long),
+        ("maxerror", ctypes.c_long),
+        ("esterror", ctypes.c_long),
+        ("status", ctypes.c_int),
+        ("constant", ctypes.c_long),
+        ("precision", ctypes.c_long),
+        ("tolerance", ctypes.c_long),
+        ("time", _Timeval),
+        ("tick", ctypes.c_long),
+        ("ppsfreq", ctypes.c_long),
+        ("jitter", ctypes.c_long),
+        ("shift", ctypes.c_int),
+        ("stabil", ctypes.c_long),
+        ("jitcnt", ctypes.c_long),
+        ("calcnt", ctypes.c_long),
+        ("errcnt", ctypes.c_long),
+        ("stbcnt", ctypes.c_long),
+        ("tai", ctypes.c_int),
+        ("_padding", ctypes.c_int * 11),
+    ]
+
+
+class ClockAdjtimeError(OSError):
+    """clock_adjtime() failed; without CAP_SYS_TIME every change does (EPERM)."""
+
+
+class SystemClockControl(SystemClock):
+    """The system clock, corrected through ``clock_adjtime`` (needs CAP_SYS_TIME)."""
+
+    __slots__ = ("_adjtime",)
+
+    can_control = True
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.clock_adjtime
+        fn.argtypes = [ctypes.c_int, ctypes.POINTER(Timex)]
+        fn.restype = ctypes.c_int
+        self._adjtime = fn
+
+    def adjtime(self, tx: Timex) -> int:
+        """Call clock_adjtime(CLOCK_REALTIME, tx); returns the clock state."""
+        rc = int(self._adjtime(time.CLOCK_REALTIME, ctypes.byref(tx)))
+        if rc < 0:
+            err = ctypes.get_errno()
+            raise ClockAdjtimeError(err, f"clock_adjtime: {os.strerror(err)}")
+        return rc
+
+    def read(self) -> Timex:
+        """The kernel's clock state, without changing it (needs no privilege)."""
+        tx = Timex()
+        self.adjtime(tx)
+        return tx
+
+    def step(self, offset_s: float) -> None:
+        tx = Timex()
+        tx.modes = _ADJ_SETOFFSET | _ADJ_NANO
+        ns = round(offset_s * 1e9)
+        tx.time.tv_sec, tx.time.tv_usec = divmod(ns, 1_000_000_000)  # tv_usec holds ns here
+        self.adjtime(tx)
+
+    def slew(self, offset_s: float) -> None:
+        tx = Timex()
+        tx.modes = _ADJ_OFFSET_SINGLESHOT
+        tx.offset = round(offset_s * 1e6)  # microseconds, slewed at the kernel's 500 ppm
+        self.adjtime(tx)
+
+    def set_frequency(self, ppm: float) -> None:
+        tx = Timex()
+        tx.modes = _ADJ_FREQUENCY
+        clamped = max(-MAX_FREQUENCY_PPM, min(MAX_FREQUENCY_PPM, ppm))
+        tx.freq = round(clamped * _FREQ_SCALE)
+        self.adjtime(tx)
+
+    def frequency_ppm(self) -> float:
+        return float(self.read().freq) / _FREQ_SCALE
