@@ -1,0 +1,102 @@
+"""The thread-free stub resolver, against a tiny DNS server of the test's own on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ntspy.net.dns import (
+    TYPE_A,
+    TYPE_AAAA,
+    ResolveError,
+    Resolver,
+    ResolverConfig,
+    build_query,
+    parse_hosts,
+    parse_response,
+)
+
+ZONE = {("pool.example", TYPE_A): [bytes([127, 0, 0, 2]), bytes([127, 0, 0, 3])],
+        ("pool.example", TYPE_AAAA): [bytes(15) + b"\x01"]}
+
+
+def answer(query: bytes) -> bytes:
+    qid, _flags = struct.unpack_from("!HH", query)
+    pos, labels = 12, []
+    while query[pos]:
+        labels.append(query[pos + 1:pos + 1 + query[pos]].decode())
+        pos += 1 + query[pos]
+    qtype = struct.unpack_from("!H", query, pos + 1)[0]
+    question = query[12:pos + 5]
+    records = ZONE.get((".".join(labels), qtype), [])
+    rcode = 0 if records or ".".join(labels) == "pool.example" else 3
+    out = struct.pack("!HHHHHH", qid, 0x8180 | rcode, 1, len(records), 0, 0) + question
+    for rdata in records:  # name as a compression pointer to the question
+        out += struct.pack("!HHHIH", 0xC00C, qtype, 1, 60, len(rdata)) + rdata
+    return out
+
+
+class FakeDns(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.transport.sendto(answer(data), addr)  # type: ignore[attr-defined]
+
+
+async def start_server() -> tuple[asyncio.DatagramTransport, int]:
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(FakeDns, local_addr=("127.0.0.1", 0))
+    return transport, transport.get_extra_info("sockname")[1]
+
+
+async def test_resolves_a_and_aaaa_without_threads() -> None:
+    transport, port = await start_server()
+    try:
+        resolver = Resolver(ResolverConfig([("127.0.0.1", port)], timeout=1.0))
+        assert await resolver.resolve("pool.example") == ["127.0.0.2", "127.0.0.3", "::1"]
+        with pytest.raises(ResolveError, match="cannot resolve nowhere.example"):
+            await resolver.resolve("nowhere.example")
+    finally:
+        transport.close()
+
+
+async def test_ip_literals_and_hosts_file_need_no_query() -> None:
+    resolver = Resolver(ResolverConfig([("127.0.0.1", 9)], hosts=parse_hosts(
+        "127.0.0.5 ntp.local ntp # comment\nbad line\n::1 six.local\n")))
+    assert await resolver.resolve("192.0.2.1") == ["192.0.2.1"]
+    assert await resolver.resolve("NTP.local.") == ["127.0.0.5"]
+    assert await resolver.resolve("six.local") == ["::1"]
+
+
+async def test_silent_nameserver_times_out_with_a_clear_error() -> None:
+    loop = asyncio.get_running_loop()
+    silent, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol,
+                                                    local_addr=("127.0.0.1", 0))
+    port = silent.get_extra_info("sockname")[1]
+    try:
+        resolver = Resolver(ResolverConfig([("127.0.0.1", port)], timeout=0.2, attempts=1))
+        with pytest.raises(ResolveError, match="did not answer"):
+            await resolver.resolve("pool.example")
+    finally:
+        silent.close()
+
+
+def test_response_for_another_query_is_refused() -> None:
+    reply = answer(build_query(7, "pool.example", TYPE_A))
+    assert parse_response(reply, 7, TYPE_A) == ["127.0.0.2", "127.0.0.3"]
+    with pytest.raises(ResolveError):
+        parse_response(reply, 8, TYPE_A)
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_garbage_responses_raise_only_resolve_error(data: bytes) -> None:
+    try:
+        parse_response(data, int.from_bytes(data[:2] or b"\0\0", "big"), TYPE_A)
+    except ResolveError:
+        pass
