@@ -62,48 +62,71 @@ class ManualClock:
 
 @runtime_checkable
 class ClockControl(Clock, Protocol):
-    """A clock the sync loop may correct: step, slew and frequency.
+    """A clock the sync loop may correct (see :class:`ntspy.sync.discipline.DisciplinedClock`).
 
-    Offsets follow chrony's tracking sign: ``step(+0.5)`` moves the clock
-    0.5 s forward (it was slow); ``slew`` does the same gradually.
+    Offsets are positive when the clock is behind: ``step(+0.5)`` moves it
+    0.5 s forward; ``slew`` does the same gradually; ``pending_slew_s`` is what
+    is still to be applied, i.e. how far the clock is behind the disciplined
+    timescale right now.
     """
+
+    can_control: bool
 
     def step(self, offset_s: float) -> None: ...
 
-    def slew(self, offset_s: float) -> None: ...
+    def slew(self, offset_s: float, duration_s: float) -> None: ...
 
     def set_frequency(self, ppm: float) -> None: ...
 
-    @property
-    def can_control(self) -> bool: ...
+    def pending_slew_s(self) -> float: ...
 
 
 class MeasureOnlyClock(SystemClock):
-    """The system clock, never corrected (``chronyd -x``): corrections are only recorded."""
+    """The system clock left free-running (``chronyd -x``).
 
-    __slots__ = ("frequency_ppm", "pending_slew_s", "steps")
+    Corrections are kept as a virtual timescale on top of the system clock:
+    every step, slew and frequency correction counts as never applied, so
+    :meth:`pending_slew_s` is the offset of the system clock from the
+    disciplined time, and the sync loop tracks the clock's offset and drift
+    without ever changing it.
+    """
+
+    __slots__ = ("_correction", "_freq_since_ns", "frequency_ppm", "steps")
 
     can_control = False
 
     def __init__(self) -> None:
         self.steps: list[float] = []
-        self.pending_slew_s = 0.0
         self.frequency_ppm = 0.0
+        self._correction = 0.0
+        self._freq_since_ns = self.now_ns()
+
+    def _integrate(self) -> None:
+        now = self.now_ns()
+        self._correction += self.frequency_ppm * 1e-6 * (now - self._freq_since_ns) / 1e9
+        self._freq_since_ns = now
 
     def step(self, offset_s: float) -> None:
         self.steps.append(offset_s)
+        self._correction += offset_s
 
-    def slew(self, offset_s: float) -> None:
-        self.pending_slew_s = offset_s
+    def slew(self, offset_s: float, duration_s: float = 0.0) -> None:
+        self._correction += offset_s
 
     def set_frequency(self, ppm: float) -> None:
+        self._integrate()
         self.frequency_ppm = ppm
+
+    def pending_slew_s(self) -> float:
+        self._integrate()
+        return self._correction
 
 
 # Linux struct timex (include/uapi/linux/timex.h), read and written with
 # clock_adjtime(). Resolved from the process's own symbol table (CDLL(None)) so
 # that preloaded time simulators interpose it as they do for chronyd.
 _ADJ_OFFSET_SINGLESHOT = 0x8001
+_ADJ_OFFSET_SS_READ = 0xA001
 _ADJ_FREQUENCY = 0x0002
 _ADJ_SETOFFSET = 0x0100
 _ADJ_NANO = 0x2000
@@ -180,11 +203,19 @@ class SystemClockControl(SystemClock):
         tx.time.tv_sec, tx.time.tv_usec = divmod(ns, 1_000_000_000)  # tv_usec holds ns here
         self.adjtime(tx)
 
-    def slew(self, offset_s: float) -> None:
+    def slew(self, offset_s: float, duration_s: float = 0.0) -> None:
+        """Add ``offset_s`` to the kernel's pending adjtime() slew (500 ppm;
+        ``duration_s`` cannot be honoured by this kernel interface)."""
         tx = Timex()
         tx.modes = _ADJ_OFFSET_SINGLESHOT
-        tx.offset = round(offset_s * 1e6)  # microseconds, slewed at the kernel's 500 ppm
+        tx.offset = round((self.pending_slew_s() + offset_s) * 1e6)  # microseconds
         self.adjtime(tx)
+
+    def pending_slew_s(self) -> float:
+        tx = Timex()
+        tx.modes = _ADJ_OFFSET_SS_READ
+        self.adjtime(tx)
+        return float(tx.offset) / 1e6
 
     def set_frequency(self, ppm: float) -> None:
         tx = Timex()

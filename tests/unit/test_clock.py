@@ -55,12 +55,14 @@ def test_changing_the_real_clock_is_refused_without_the_capability(change: str) 
     assert clock.read().freq == before
 
 
-def test_measure_only_clock_records_and_never_changes_time() -> None:
+def test_measure_only_clock_keeps_corrections_virtual_and_never_changes_time() -> None:
     clock = MeasureOnlyClock()
     assert isinstance(clock, ClockControl) and not clock.can_control
     before = clock.now_ns()
     clock.step(3600.0)
-    clock.slew(0.5)
-    clock.set_frequency(12.5)
-    assert clock.steps == [3600.0] and clock.pending_slew_s == 0.5 and clock.frequency_ppm == 12.5
+    clock.slew(0.5, 10.0)
+    assert clock.steps == [3600.0] and clock.pending_slew_s() == 3600.5
+    clock.set_frequency(1e5)  # 0.1 s per second, so the integration shows quickly
+    time.sleep(0.05)
+    assert 3600.5 + 0.004 < clock.pending_slew_s() < 3600.5 + 0.05
     assert abs(clock.now_ns() - before) < 1_000_000_000
