@@ -1,0 +1,389 @@
+"""Per-source samples and their statistics (what ``chronyc sourcestats`` shows).
+
+Conventions of this module:
+
+* sample times are **local-clock Unix nanoseconds** (``int``), as the adapter
+  read them when the exchange finished;
+* offsets, delays, dispersions and the like are **float seconds**;
+* frequencies and skews are **ppm**.
+
+An offset is NTP's theta: positive when the source is *ahead* of us (our clock
+is slow).  ``chronyc`` prints the opposite sign; display code negates.
+
+Offsets are meant to be measured against the *disciplined* timescale: the
+measured offset minus any slew the clock has been asked for but has not yet
+finished.  Whenever the discipline corrects the clock, :meth:`SourceStats.
+apply_correction` re-expresses the stored samples on the corrected timescale,
+so the regression only ever sees what is still left to correct.  That is how
+chrony keeps its sample history meaningful across clock updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from dataclasses import dataclass
+from functools import cache
+
+from ntspy.proto.ntp import Leap
+
+PHI = 15e-6
+"""Frequency tolerance, s/s (RFC 5905 s7.2): how fast an old sample's error grows."""
+
+FILTER_LENGTH = 8
+"""RFC 5905 clock filter: the best sample is the lowest-delay one of the last 8."""
+
+DEFAULT_MAXSAMPLES = 64
+MIN_MAXSAMPLES = 4
+MIN_REGRESSION_SAMPLES = 3
+"""A line through fewer points has no residuals left to judge the fit by."""
+
+UNKNOWN_SKEW_PPM = 1000.0
+"""Skew reported before a frequency can be estimated; equals chrony's default
+``maxupdateskew``, so such an estimate is never used to steer the frequency."""
+
+RUNS_SIGNIFICANCE = 0.01
+"""Probability below which too few sign runs mean "the line no longer fits"."""
+
+_NS = 1e-9
+
+
+@dataclass(slots=True)
+class Sample:
+    """One NTP measurement of a source."""
+
+    time: int
+    """Local clock, Unix ns, when the response was received."""
+    offset: float
+    """Seconds; positive when the source is ahead of us (RFC 5905 theta)."""
+    delay: float
+    """Round-trip delay, seconds."""
+    dispersion: float = 0.0
+    """Error of this sample at ``time``: precisions plus PHI times the round trip."""
+    root_delay: float = 0.0
+    root_dispersion: float = 0.0
+    stratum: int = 1
+    leap: Leap = Leap.NONE
+    authenticated: bool = False
+
+
+class ReachRegister:
+    """The 8-bit reachability shift register (RFC 5905 s13): 1 = poll answered."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: int = 0) -> None:
+        self._value = value & 0xFF
+
+    def update(self, ok: bool) -> None:
+        """Shift in the result of one poll."""
+        self._value = ((self._value << 1) | int(ok)) & 0xFF
+
+    @property
+    def value(self) -> int:
+        """The register as an integer, newest poll in bit 0."""
+        return self._value
+
+    @property
+    def reachable(self) -> bool:
+        """True if any of the last 8 polls was answered."""
+        return self._value != 0
+
+    def octal(self) -> str:
+        """As ``chronyc sources`` prints it: three octal digits, ``377`` = all answered."""
+        return f"{self._value:03o}"
+
+
+@cache
+def _max_suspicious_runs(n: int) -> int:
+    """Largest run count that is implausibly small for ``n`` random-sign residuals.
+
+    Under a good fit the residual signs are independent fair coins, so the
+    number of runs minus one is Binomial(n - 1, 1/2).  A count whose lower tail
+    probability is below :data:`RUNS_SIGNIFICANCE` says the residuals have
+    structure: the clock or the source changed and old samples mislead.
+    Returns 0 when no count is suspicious (small ``n``).
+    """
+    trials = n - 1
+    total = 2.0**trials
+    cumulative = 0.0
+    worst = 0
+    for changes in range(trials + 1):
+        cumulative += math.comb(trials, changes) / total
+        if cumulative >= RUNS_SIGNIFICANCE:
+            break
+        worst = changes + 1  # runs = sign changes + 1
+    return worst
+
+
+def count_runs(residuals: list[float]) -> int:
+    """Number of runs of residuals with the same sign (zeros join the current run)."""
+    runs = 0
+    sign = 0
+    for r in residuals:
+        s = (r > 0) - (r < 0)
+        if s == 0:
+            continue
+        if s != sign:
+            runs += 1
+            sign = s
+    return runs
+
+
+def _t_quantile(dof: int) -> float:
+    """Two-sided 95% Student t quantile, tabulated for small ``dof``, asymptotic after.
+
+    Scales the standard error of the slope into a bound worth calling a skew.
+    """
+    table = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23)
+    if dof <= 0:
+        return table[0]
+    if dof <= len(table):
+        return table[dof - 1]
+    return 1.96 + 2.5 / dof
+
+
+@dataclass(slots=True)
+class _Fit:
+    """A weighted line ``offset = intercept + slope * (t - ref)``, t in seconds."""
+
+    ref_ns: int
+    intercept: float
+    slope: float
+    slope_sd: float
+    intercept_var: float
+    mean_t: float
+    sxx: float
+    sigma: float
+    runs: int
+    dof: int
+
+
+def _weights(delays: list[float]) -> list[float]:
+    """Lower-delay samples count more: queueing adds asymmetry, hence offset error.
+
+    The excess delay over the minimum is judged against its median, which keeps
+    the weights independent of the path's absolute delay and of its units.
+    """
+    least = min(delays)
+    excess = [d - least for d in delays]
+    ordered = sorted(excess)
+    scale = ordered[len(ordered) // 2] + 1e-9
+    return [1.0 / (1.0 + (e / scale) ** 2) for e in excess]
+
+
+def _fit(times_ns: list[int], offsets: list[float], weights: list[float]) -> _Fit:
+    ref = times_ns[-1]
+    xs = [(t - ref) * _NS for t in times_ns]
+    n = len(xs)
+    # Normalised weights keep sigma in seconds comparable to an unweighted SD.
+    mean_w = sum(weights) / n
+    ws = [w / mean_w for w in weights]
+    sw = float(n)
+    mean_t = sum(w * x for w, x in zip(ws, xs, strict=True)) / sw
+    mean_y = sum(w * y for w, y in zip(ws, offsets, strict=True)) / sw
+    sxx = sum(w * (x - mean_t) ** 2 for w, x in zip(ws, xs, strict=True))
+    sxy = sum(w * (x - mean_t) * (y - mean_y) for w, x, y in zip(ws, xs, offsets, strict=True))
+    slope = sxy / sxx if sxx > 0 else 0.0
+    intercept = mean_y - slope * mean_t
+    residuals = [y - (intercept + slope * x) for x, y in zip(xs, offsets, strict=True)]
+    dof = n - 2
+    if dof > 0:
+        ss = sum(w * r * r for w, r in zip(ws, residuals, strict=True))
+        sigma = math.sqrt(ss / dof)
+    else:
+        sigma = 0.0
+    if sxx > 0 and dof > 0:
+        # Sandwich estimate: stays honest when the delay-based weights do not
+        # match the real noise of each sample (they are a guess, after all).
+        meat = sum((w * (x - mean_t) * r) ** 2 for w, x, r in zip(ws, xs, residuals, strict=True))
+        slope_sd = math.sqrt(meat * n / dof) / sxx
+    else:
+        slope_sd = math.inf
+    intercept_var = sigma * sigma * (1.0 / sw + (mean_t**2 / sxx if sxx > 0 else 0.0))
+    return _Fit(ref, intercept, slope, slope_sd, intercept_var, mean_t, sxx, sigma,
+                count_runs(residuals), dof)
+
+
+class SourceStats:
+    """Sample history of one source and the linear regression over it.
+
+    Each :meth:`add` refits ``offset = a + b * t`` by weighted least squares.
+    When the residuals show too few sign runs for their number the line no
+    longer describes the source (it stepped, or its frequency changed), so the
+    oldest samples are discarded until the newer ones fit again, keeping at
+    least ``minsamples``.  Memory is bounded by ``maxsamples``.
+    """
+
+    __slots__ = ("_fit", "_maxsamples", "_minsamples", "_samples")
+
+    def __init__(self, maxsamples: int = DEFAULT_MAXSAMPLES, minsamples: int = 6) -> None:
+        if maxsamples < MIN_MAXSAMPLES:
+            raise ValueError(f"maxsamples must be at least {MIN_MAXSAMPLES}, not {maxsamples}")
+        self._maxsamples = maxsamples
+        self._minsamples = max(MIN_REGRESSION_SAMPLES, min(minsamples, maxsamples))
+        self._samples: deque[Sample] = deque(maxlen=maxsamples)
+        self._fit: _Fit | None = None
+
+    # -- feeding --------------------------------------------------------------
+
+    def add(self, sample: Sample) -> None:
+        """Record a sample (times must not go backwards) and refit."""
+        if self._samples and sample.time < self._samples[-1].time:
+            raise ValueError("samples must be added in time order")
+        self._samples.append(dataclasses.replace(sample))
+        self._refit()
+
+    def apply_correction(self, now_ns: int, offset_s: float, dfreq_ppm: float = 0.0) -> None:
+        """Re-express stored samples after the clock was corrected at ``now_ns``.
+
+        ``offset_s`` is how far the disciplined clock moved forward (step or
+        accepted slew), ``dfreq_ppm`` how much faster it now runs.  A past
+        sample then reads as if the corrected clock had always been running.
+        """
+        if not self._samples:
+            return
+        rate = dfreq_ppm * 1e-6
+        shift_ns = round(offset_s * 1e9)
+        for s in self._samples:
+            s.offset -= offset_s + rate * (s.time - now_ns) * _NS
+            s.time += shift_ns
+        self._refit()
+
+    def reset(self) -> None:
+        """Forget everything, e.g. after the source was replaced."""
+        self._samples.clear()
+        self._fit = None
+
+    def _refit(self) -> None:
+        n = len(self._samples)
+        if n < MIN_REGRESSION_SAMPLES:
+            self._fit = None
+            return
+        samples = list(self._samples)
+        times = [s.time for s in samples]
+        offsets = [s.offset for s in samples]
+        weights = _weights([s.delay for s in samples])
+        start = 0
+        while True:
+            fit = _fit(times[start:], offsets[start:], weights[start:])
+            remaining = n - start
+            if fit.runs > _max_suspicious_runs(remaining) or remaining <= self._minsamples:
+                break
+            # Drop a quarter of what is left (at least one sample) and try
+            # again: a handful of refits finds where the model broke.
+            start += max(1, min(remaining // 4, remaining - self._minsamples))
+        for _ in range(start):
+            self._samples.popleft()
+        self._fit = fit
+
+    # -- what sourcestats shows -----------------------------------------------
+
+    @property
+    def maxsamples(self) -> int:
+        """Bound on the samples kept."""
+        return self._maxsamples
+
+    @property
+    def np(self) -> int:
+        """Number of samples kept (NP)."""
+        return len(self._samples)
+
+    @property
+    def nr(self) -> int:
+        """Runs of residuals with the same sign in the last fit (NR); 0 without a fit."""
+        return self._fit.runs if self._fit else 0
+
+    @property
+    def span(self) -> float:
+        """Seconds between the oldest and newest sample."""
+        if len(self._samples) < 2:
+            return 0.0
+        return (self._samples[-1].time - self._samples[0].time) * _NS
+
+    @property
+    def frequency_ppm(self) -> float:
+        """Slope of offset over local time, ppm: positive means the source gains on us
+        (our clock runs slow against it).  chrony prints the negated value."""
+        return self._fit.slope * 1e6 if self._fit else 0.0
+
+    @property
+    def skew_ppm(self) -> float:
+        """95% error bound of :attr:`frequency_ppm`."""
+        if self._fit is None or not math.isfinite(self._fit.slope_sd):
+            return UNKNOWN_SKEW_PPM
+        bound = _t_quantile(self._fit.dof) * self._fit.slope_sd * 1e6
+        return min(bound, UNKNOWN_SKEW_PPM)
+
+    @property
+    def std_dev(self) -> float:
+        """Weighted standard deviation of the residuals, seconds."""
+        if self._fit is not None:
+            return self._fit.sigma
+        return self.jitter
+
+    @property
+    def last_sample(self) -> Sample | None:
+        """Newest sample, or None."""
+        return self._samples[-1] if self._samples else None
+
+    @property
+    def samples(self) -> tuple[Sample, ...]:
+        """Copy of the kept samples, oldest first."""
+        return tuple(dataclasses.replace(s) for s in self._samples)
+
+    def best_sample(self) -> Sample | None:
+        """RFC 5905 clock filter: lowest delay among the last :data:`FILTER_LENGTH`."""
+        if not self._samples:
+            return None
+        recent = list(self._samples)[-FILTER_LENGTH:]
+        return min(recent, key=lambda s: s.delay)
+
+    @property
+    def jitter(self) -> float:
+        """RMS of recent offsets around the filter's best one (RFC 5905 peer jitter)."""
+        best = self.best_sample()
+        if best is None:
+            return 0.0
+        recent = list(self._samples)[-FILTER_LENGTH:]
+        if len(recent) < 2:
+            return 0.0
+        ss = sum((s.offset - best.offset) ** 2 for s in recent)
+        return math.sqrt(ss / (len(recent) - 1))
+
+    def offset_at(self, t_ns: int) -> float:
+        """Estimated offset at local time ``t_ns``, seconds.
+
+        Extrapolates the regression line; before there is one, the clock
+        filter's best sample stands in.
+        """
+        if self._fit is not None:
+            return self._fit.intercept + self._fit.slope * (t_ns - self._fit.ref_ns) * _NS
+        best = self.best_sample()
+        return best.offset if best else 0.0
+
+    def offset_error_at(self, t_ns: int) -> float:
+        """Standard error of :meth:`offset_at`, seconds (grows away from the data)."""
+        fit = self._fit
+        if fit is None:
+            return self.jitter
+        if fit.sxx <= 0:
+            return fit.sigma
+        x = (t_ns - fit.ref_ns) * _NS
+        var = fit.intercept_var + fit.sigma**2 * ((x - fit.mean_t) ** 2 - fit.mean_t**2) / fit.sxx
+        return math.sqrt(max(var, 0.0))
+
+    def root_distance(self, now_ns: int) -> float:
+        """Upper bound of this source's error, seconds (RFC 5905 s11.2.2 lambda).
+
+        root_delay/2 + root_dispersion + delay/2 + dispersion grown by PHI since
+        the filter's best sample, + jitter.
+        """
+        best = self.best_sample()
+        last = self.last_sample
+        if best is None or last is None:
+            return math.inf
+        age = max(0.0, (now_ns - best.time) * _NS)
+        return (last.root_delay / 2 + last.root_dispersion + best.delay / 2
+                + best.dispersion + PHI * age + self.jitter)
