@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_options(k)
     k.set_defaults(func=_cmd_ke)
 
+    _add_external(sub, "run", "ntspy.client.run",
+                  "run the client daemon: sync the clock from NTS sources (and serve time)")
     _add_external(sub, "serve", "ntspy.server.daemon", "run an NTS/NTP server")
     _add_external(sub, "demo", "ntspy.demo", "run a local NTS server and query it")
     _add_external(sub, "ctl", "ntspy.control.cli", "ask a running ntspy daemon for its status")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from ..errors import KeConnectionError, KeProtocolError
+from ..net.dns import getaddrinfo
 from ..net.tls import TlsStream, TrustConfig, client_context
 from ..proto import aead as aead_mod
 from ..proto import ke
@@ -122,11 +123,8 @@ async def _connect(
     We resolve the name ourselves because RFC 8915 s4.1.7 sends NTP to the
     very address the KE connection reached when the server names no other.
     """
-    loop = asyncio.get_running_loop()
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), left()
-        )
+        infos = await asyncio.wait_for(getaddrinfo(host, port, socket.SOCK_STREAM), left())
     except TimeoutError:
         raise KeConnectionError(f"cannot resolve {host}: timed out") from None
     except OSError as exc:

@@ -20,6 +20,7 @@ import os
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Self
 
 from ..clock import Clock, SystemClock
@@ -29,6 +30,7 @@ from ..errors import (
     MalformedPacket,
     NtsError,
     NtsNakReceived,
+    StateFileError,
 )
 from ..net.tls import TrustConfig
 from ..net.udp import Received, UdpClient
@@ -45,6 +47,7 @@ from ..proto.ntp import (
     offset_delay_ns,
     short_to_seconds,
 )
+from ..state import b64, unb64
 from . import ke as ke_client
 from .ke import KeResult
 
@@ -356,6 +359,62 @@ class NtsSession(_Session):
         self._c2s = aead_mod.Aead(result.aead_id, result.c2s)
         self._s2c = aead_mod.Aead(result.aead_id, result.s2c)
         return result
+
+    def dump(self) -> dict[str, Any] | None:
+        """Keys and cookies as a JSON-friendly dict (for ``ntsdumpdir``), or None."""
+        if self.ke is None or not self.cookies:
+            return None
+        k = self.ke
+        return {
+            "ke_host": k.ke_host,
+            "ke_port": k.ke_port,
+            "ke_address": k.ke_address,
+            "aead": k.aead_id,
+            "c2s": b64(k.c2s),
+            "s2c": b64(k.s2c),
+            "cookies": [b64(c) for c in self.cookies],
+            "ntp_server": k.ntp_server,
+            "ntp_port": k.ntp_port,
+            "tls_version": k.tls_version,
+            "cert_subject": k.cert_subject,
+            "cert_not_after": k.cert_not_after.timestamp() if k.cert_not_after else None,
+            "compliant_128gcm": k.compliant_128gcm,
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Take keys and cookies saved by :meth:`dump`; StateFileError if unusable.
+
+        Refused unless they belong to this session's KE server: cookies are
+        only good with the server that issued them.
+        """
+        try:
+            if (saved["ke_host"], int(saved["ke_port"])) != (self.host, self.ke_port):
+                raise StateFileError("saved NTS state is for another server")
+            after = saved.get("cert_not_after")
+            result = KeResult(
+                aead_id=int(saved["aead"]),
+                c2s=unb64(saved["c2s"]),
+                s2c=unb64(saved["s2c"]),
+                cookies=[unb64(c) for c in saved["cookies"]][:MAX_COOKIES],
+                ntp_server=str(saved["ntp_server"]),
+                ntp_port=int(saved["ntp_port"]),
+                ke_host=self.host,
+                ke_port=self.ke_port,
+                ke_address=str(saved.get("ke_address", "")),
+                tls_version=str(saved.get("tls_version", "")),
+                cert_subject=str(saved.get("cert_subject", "")),
+                cert_not_after=(
+                    datetime.fromtimestamp(float(after), UTC) if after is not None else None
+                ),
+                compliant_128gcm=bool(saved.get("compliant_128gcm", False)),
+            )
+            c2s = aead_mod.Aead(result.aead_id, result.c2s)
+            s2c = aead_mod.Aead(result.aead_id, result.s2c)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateFileError(f"saved NTS state is damaged ({exc})") from None
+        if not result.cookies:
+            raise StateFileError("saved NTS state has no cookies")
+        self.ke, self.cookies, self._c2s, self._s2c = result, list(result.cookies), c2s, s2c
 
     @property
     def ntp_target(self) -> tuple[str, int]:

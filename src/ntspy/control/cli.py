@@ -4,25 +4,49 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import ipaddress
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from ..server.stats import format_serverstats
-from .format import interval
+from .format import (
+    AUTHDATA_HEADER,
+    AUTHDATA_LEGEND,
+    SOURCES_HEADER,
+    SOURCES_LEGEND,
+    SOURCESTATS_HEADER,
+    SOURCESTATS_LEGEND,
+    AuthRow,
+    SourceRow,
+    SourceStatsRow,
+    auth_line,
+    header,
+    interval,
+    source_line,
+    sourcestats_line,
+)
 from .protocol import DEFAULT_SOCKET, ControlError, request
 
-COMMANDS = ("serverstats", "serverkeys")
+COMMANDS = ("sources", "sourcestats", "tracking", "authdata", "ntpdata", "serverstats",
+            "serverkeys", "reload", "rekey")
+LEAP_NAMES = {0: "Normal", 1: "Insert second", 2: "Delete second", 3: "Not synchronised"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-s", "--socket", type=Path, default=DEFAULT_SOCKET,
                         help=f"the daemon's control socket (default {DEFAULT_SOCKET})")
-    parser.add_argument("--json", action="store_true", help="print the raw result as JSON")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("-N", dest="configured_names", action="store_true",
+                        help="show the configured names of sources, not their addresses")
+    parser.add_argument("-v", dest="verbose", action="store_true",
+                        help="print the column legend first (sources, sourcestats, authdata)")
     parser.add_argument("subcommand", choices=COMMANDS, metavar="COMMAND",
                         help="one of: " + ", ".join(COMMANDS))
-    parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("args", nargs="*", help="arguments of the command (reload sources)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,15 +58,121 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
-        sys.stdout.write(render(args.subcommand, result))
+        sys.stdout.write(render(args.subcommand, result, args.configured_names, args.verbose))
     return 0
 
 
-def render(command: str, result: Any) -> str:
+def _name(row: dict[str, Any], configured: bool) -> str:
+    return str(row["configured"] if configured else row["name"])
+
+
+def render(command: str, result: Any, configured: bool = False, verbose: bool = False) -> str:
+    if command == "sources":
+        out = SOURCES_LEGEND if verbose else ""
+        out += header(SOURCES_HEADER)
+        for r in result:
+            out += source_line(SourceRow(
+                _name(r, configured), r["mode"], r["state"], r["stratum"], r["poll"], r["reach"],
+                r["last_rx"], r["adjusted_offset"], r["measured_offset"], r["error"],
+            )) + "\n"
+        return out
+    if command == "sourcestats":
+        out = SOURCESTATS_LEGEND if verbose else ""
+        out += header(SOURCESTATS_HEADER)
+        for r in result:
+            out += sourcestats_line(SourceStatsRow(
+                _name(r, configured), r["np"], r["nr"], r["span"], r["frequency_ppm"],
+                r["skew_ppm"], r["offset"], r["std_dev"],
+            )) + "\n"
+        return out
+    if command == "authdata":
+        out = AUTHDATA_LEGEND if verbose else ""
+        out += header(AUTHDATA_HEADER)
+        for r in result:
+            out += auth_line(AuthRow(
+                _name(r, configured), r["mode"], r["key_id"], r["type"], r["key_bits"],
+                r["last"], r["attempts"], r["naks"], r["cookies"], r["cookie_length"],
+            )) + "\n"
+        return out
+    if command == "tracking":
+        return render_tracking(result)
+    if command == "ntpdata":
+        return render_ntpdata(result)
     if command == "serverstats":
         return format_serverstats(result)
     if command == "serverkeys":
         lines = ["Key ID    Age", "=============="]
         lines += [f"{k['id']:08x} {interval(k['age'])}" for k in result]
         return "\n".join(lines) + "\n"
+    if command == "reload":
+        return f"{result['added']} sources added, {result['removed']} removed\n"
+    if command == "rekey":
+        return f"NTS-KE will be redone for {result['sources']} sources\n"
     return json.dumps(result, indent=2) + "\n"
+
+
+def refid_hex(reference: str | None) -> str:
+    if not reference:
+        return "00000000"
+    try:
+        ip = ipaddress.ip_address(reference)
+    except ValueError:
+        return hashlib.md5(reference.encode(), usedforsecurity=False).hexdigest()[:8].upper()
+    if ip.version == 4:
+        return ip.packed.hex().upper()
+    return hashlib.md5(ip.packed, usedforsecurity=False).hexdigest()[:8].upper()
+
+
+def render_tracking(t: dict[str, Any]) -> str:
+    ref = t.get("reference")
+    ref_time = t.get("ref_time_ns")
+    when = (time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(ref_time / 1e9))
+            if ref_time else "Thu Jan 01 00:00:00 1970")
+    pending = float(t["system_time_offset"])  # positive: clock behind NTP time
+    freq = float(t["frequency_ppm"])  # positive: clock sped up, so on its own it is slow
+    leap = LEAP_NAMES.get(int(t["leap"]), "Not synchronised") if t.get("synchronised") \
+        else "Not synchronised"
+    lines = [
+        f"Reference ID    : {refid_hex(ref)} ({ref or ''})",
+        f"Stratum         : {t['stratum'] if t.get('synchronised') else 0}",
+        f"Ref time (UTC)  : {when}",
+        f"System time     : {abs(pending):.9f} seconds {'slow' if pending > 0 else 'fast'} "
+        "of NTP time",
+        f"Last offset     : {-float(t['last_offset']):+.9f} seconds",
+        f"RMS offset      : {float(t['rms_offset']):.9f} seconds",
+        f"Frequency       : {abs(freq):.3f} ppm {'slow' if freq >= 0 else 'fast'}",
+        f"Residual freq   : {-float(t['residual_freq_ppm']):+.3f} ppm",
+        f"Skew            : {float(t['skew_ppm']):.3f} ppm",
+        f"Root delay      : {float(t['root_delay']):.9f} seconds",
+        f"Root dispersion : {float(t['root_dispersion']):.9f} seconds",
+        f"Update interval : {float(t['update_interval']):.1f} seconds",
+        f"Leap status     : {leap}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_ntpdata(rows: list[dict[str, Any]]) -> str:
+    blocks = []
+    for r in rows:
+        rejected = ", ".join(f"{k}: {v}" for k, v in r["rejected"].items()) or "none"
+        blocks.append("\n".join([
+            f"Remote address  : {r['remote_address']} ({r['name']})",
+            f"Remote port     : {r['remote_port']}",
+            f"Leap status     : {LEAP_NAMES.get(int(r['leap']), '?')}",
+            f"Version         : {r['version']}",
+            "Mode            : Server",
+            f"Stratum         : {r['stratum']}",
+            f"Poll interval   : {r['poll']} ({2.0 ** int(r['poll']):.0f} seconds)",
+            f"Precision       : {r['precision']} ({2.0 ** int(r['precision']):.9f} seconds)",
+            f"Root delay      : {float(r['root_delay']):.6f} seconds",
+            f"Root dispersion : {float(r['root_dispersion']):.6f} seconds",
+            f"Reference ID    : {r['reference_id']}",
+            f"Offset          : {float(r['offset']):+.9f} seconds",
+            f"Peer delay      : {float(r['peer_delay']):.9f} seconds",
+            f"Authenticated   : {'Yes' if r['authenticated'] else 'No'}",
+            f"RX timestamping : {'Kernel' if r['kernel_rx'] else 'Daemon'}",
+            f"Total TX        : {r['requests']}",
+            f"Total valid RX  : {r['accepted']}",
+            f"Rejected RX     : {rejected}",
+        ]))
+    return "\n\n".join(blocks) + ("\n" if blocks else "")

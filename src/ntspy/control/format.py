@@ -11,6 +11,26 @@ from dataclasses import dataclass
 
 SOURCES_HEADER = "MS Name/IP address         Stratum Poll Reach LastRx Last sample               "
 AUTHDATA_HEADER = "Name/IP address             Mode KeyID Type KLen Last Atmp  NAK Cook CLen"
+SOURCESTATS_HEADER = (
+    "Name/IP Address            NP  NR  Span  Frequency  Freq Skew  Offset  Std Dev"
+)
+SOURCESTATS_LEGEND = """                             .- Number of sample points in measurement set.
+                            /    .- Number of residual runs with same sign.
+                           |    /    .- Length of measurement set (time).
+                           |   |    /      .- Est. clock freq error (ppm).
+                           |   |   |      /           .- Est. error in freq.
+                           |   |   |     |           /         .- Est. offset.
+                           |   |   |     |          |          |   On the -.
+                           |   |   |     |          |          |   samples. \\
+                           |   |   |     |          |          |             |
+"""
+AUTHDATA_LEGEND = """
+                             .- Auth. mechanism (NTS, SK - symmetric key)
+                            |   Key length -.  Cookie length (bytes) -.
+                            |       (bits)  |  Num. of cookies --.    |
+                            |               |  Key est. attempts  |   |
+                            |               |           |         |   |
+"""
 SOURCES_LEGEND = """
   .-- Source mode  '^' = server, '=' = peer, '#' = local clock.
  / .- Source state '*' = current best, '+' = combined, '-' = not combined,
@@ -124,4 +144,36 @@ def auth_line(row: AuthRow, wide: bool = False) -> str:
         f"{row.name[:width]:<{width}} {row.mode:>4} {row.key_id:5d} {row.aead:4d} "
         f"{row.key_bits:4d} {interval(row.last)} {row.attempts:4d} {row.naks:4d} "
         f"{row.cookies:4d} {row.cookie_length:4d}"
+    )
+
+
+def ppm(value: float | None) -> str:
+    """chronyc's ``%P``: ``%10.3f``, or ``%10.0f`` from 99999.5 on."""
+    if value is None or math.isnan(value) or math.isinf(value):
+        return f"{'-':>10}"
+    return f"{value:10.0f}" if abs(value) >= 99999.5 else f"{value:10.3f}"
+
+
+def signed_ppm(value: float) -> str:
+    return f"{value:+10.0f}" if abs(value) >= 99999.5 else f"{value:+10.3f}"
+
+
+@dataclass(slots=True)
+class SourceStatsRow:
+    name: str
+    np: int
+    nr: int
+    span: float
+    frequency_ppm: float
+    skew_ppm: float | None
+    offset: float
+    std_dev: float
+
+
+def sourcestats_line(row: SourceStatsRow, wide: bool = False) -> str:
+    width = 41 if wide else 25
+    return (
+        f"{row.name[:width]:<{width}} {row.np:3d} {row.nr:3d}  {interval(row.span)} "
+        f"{signed_ppm(row.frequency_ppm)} {ppm(row.skew_ppm)}  "
+        f"{signed_nanoseconds(row.offset)}  {nanoseconds(row.std_dev)}"
     )

@@ -13,10 +13,12 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import NtsError
 
@@ -191,3 +193,23 @@ class Resolver:
                 finally:
                     transport.close()
         raise ResolveError(last)
+
+
+AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]
+
+
+async def getaddrinfo(host: str, port: int, socktype: int) -> list[AddrInfo]:
+    """``loop.getaddrinfo`` without its thread pool for IP literals.
+
+    The daemon resolves names with :class:`Resolver` first and hands IP
+    addresses on, so it never starts the executor's threads; names given on
+    the command line still go through the system resolver (nsswitch, mDNS...).
+    """
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        loop = asyncio.get_running_loop()
+        return list(await loop.getaddrinfo(host, port, type=socktype))
+    if ip.version == 4:
+        return [(socket.AF_INET, socktype, 0, "", (str(ip), port))]
+    return [(socket.AF_INET6, socktype, 0, "", (str(ip), port, 0, 0))]

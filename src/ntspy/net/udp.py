@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..clock import Clock, SystemClock
+from .dns import getaddrinfo
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,7 @@ class UdpClient(_Endpoint):
 
         Raises ``OSError`` (``socket.gaierror`` for a name that does not resolve).
         """
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        infos = await getaddrinfo(host, port, socket.SOCK_DGRAM)
         last: OSError | None = None
         for family, type_, proto, _, sockaddr in infos:
             sock = socket.socket(family, type_, proto)

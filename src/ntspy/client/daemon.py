@@ -1,0 +1,417 @@
+"""``ntspy run``: the client daemon (and optionally the server) in one process.
+
+Sources poll on their own schedule; each good sample triggers a selection
+round and a clock update through the :class:`~ntspy.clock.ClockControl`
+interface, the same sequence :func:`ntspy.sync.sim.simulate` runs in virtual
+time. One thread, one event loop: DNS goes through the thread-free resolver,
+and the clock is only read through the Clock given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..clock import ClockControl
+from ..config import Config, SourceConfig, load_sources_dir
+from ..errors import NtsError, StateFileError
+from ..net.dns import Resolver
+from ..net.tls import TrustConfig
+from ..proto.ntp import Leap, unix_ns_to_ntp
+from ..state import atomic_write, read_state
+from ..sync.discipline import Discipline, Tracking, apply_action, format_drift, parse_drift
+from ..sync.filter import UNKNOWN_SKEW_PPM
+from ..sync.select import (
+    AuthSelectMode,
+    SelectConfig,
+    Selection,
+    SourceState,
+    candidate_from_stats,
+    select_sources,
+)
+from .source import Source
+
+log = logging.getLogger("ntspy.client")
+
+TIME_FILE = "ntspy.time"  # saved wall time, for machines without an RTC (-s)
+
+
+@dataclass(slots=True)
+class ClientOptions:
+    timeout: float = 2.0
+    ke_backoff_scale: float = 1.0
+    restore_time: bool = False  # chronyd -s
+    resolver: Resolver | None = None
+
+
+class ClientDaemon:
+    def __init__(self, config: Config, clock: ClockControl,
+                 options: ClientOptions | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.options = options or ClientOptions()
+        self.sources: list[Source] = []
+        self.selection: Selection | None = None
+        self.current: str | None = None
+        drift = self._load_drift()
+        self.discipline = Discipline(
+            makestep=config.makestep,
+            frequency_ppm=drift[0] if drift else 0.0,
+            skew_ppm=drift[1] if drift else UNKNOWN_SKEW_PPM,
+        )
+        if drift and clock.can_control:
+            clock.set_frequency(drift[0])
+        self.select_config = SelectConfig(
+            minsources=config.minsources,
+            authselectmode=AuthSelectMode(config.authselectmode),
+        )
+        self.clock_updates = 0
+        self._tasks: dict[Source, asyncio.Task[None]] = {}
+        self._resolver = self.options.resolver
+        self._started = time.monotonic()
+        self.on_update: list[Any] = []  # callbacks(selection, tracking), e.g. the server
+
+    # -- set-up ---------------------------------------------------------------
+
+    def trust(self, certset: int) -> TrustConfig:
+        extra = [path for setno, path in self.config.ntstrustedcerts if setno == certset]
+        return TrustConfig(
+            use_system_store=not self.config.nosystemcert,
+            extra=extra,
+            no_cert_time_check=self.config.nocerttimecheck > 0,
+        )
+
+    def configured_sources(self) -> list[SourceConfig]:
+        sources = list(self.config.sources)
+        for directory in self.config.sourcedir:
+            try:
+                sources += load_sources_dir(directory)
+            except NtsError as exc:
+                log.error("sourcedir %s: %s", directory, exc)
+        return sources
+
+    async def _make_sources(self, configs: list[SourceConfig]) -> list[Source]:
+        made: list[Source] = []
+        for cfg in configs:
+            if not cfg.pool:
+                made.append(self._source(cfg, None))
+                continue
+            resolver = self._resolver or Resolver()
+            self._resolver = resolver
+            try:
+                addresses = await resolver.resolve(cfg.name)
+            except NtsError as exc:
+                log.error("pool %s: %s", cfg.name, exc)
+                continue
+            for address in addresses[: cfg.maxsources]:
+                made.append(self._source(cfg, address))
+        return made
+
+    def _source(self, cfg: SourceConfig, address: str | None) -> Source:
+        src = Source(
+            cfg, self.clock, address=address, trust=self.trust,
+            dumpdir=self.config.ntsdumpdir, ntsrefresh=self.config.ntsrefresh,
+            timeout=self.options.timeout, backoff_scale=self.options.ke_backoff_scale,
+        )
+        src.load_dump(time.monotonic())
+        return src
+
+    async def start(self) -> None:
+        if self.options.restore_time:
+            self._restore_time()
+        self.sources = await self._make_sources(self.configured_sources())
+        for src in self.sources:
+            self._tasks[src] = asyncio.create_task(self._run_source(src))
+        log.info("client started with %d sources", len(self.sources))
+
+    async def reload_sources(self) -> dict[str, int]:
+        """Re-read ``sourcedir``: add new sources, remove vanished ones (configured stay)."""
+        wanted = self.configured_sources()
+        keys = {(c.name, c.port, c.nts) for c in wanted}
+        removed = 0
+        for src in list(self.sources):
+            if (src.cfg.name, src.cfg.port, src.cfg.nts) not in keys:
+                await self._remove(src)
+                removed += 1
+        have = {(s.cfg.name, s.cfg.port, s.cfg.nts) for s in self.sources}
+        new = await self._make_sources(
+            [c for c in wanted if (c.name, c.port, c.nts) not in have]
+        )
+        for src in new:
+            self.sources.append(src)
+            self._tasks[src] = asyncio.create_task(self._run_source(src))
+        return {"added": len(new), "removed": removed}
+
+    async def _remove(self, src: Source) -> None:
+        task = self._tasks.pop(src, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        src.save_dump()
+        src.session.close()
+        self.sources.remove(src)
+
+    async def stop(self) -> None:
+        for src in list(self.sources):
+            task = self._tasks.pop(src, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            src.save_dump()
+            src.session.close()
+        self._save_drift()
+        self._save_time()
+
+    # -- the loop -------------------------------------------------------------
+
+    async def _run_source(self, src: Source) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not await self._resolve(src):
+                await asyncio.sleep(src.interval())
+                continue
+            # nocerttimecheck N: certificate times are not checked until the
+            # clock has been updated N times (it may start out far off).
+            src.set_time_check(self.clock_updates >= self.config.nocerttimecheck)
+            try:
+                measurement = await src.poll_once(loop.time())
+            except Exception:  # a bug in one source must not stop the others
+                log.exception("%s: poll failed", src.name)
+                measurement = None
+            if measurement is not None:
+                self._update(src)
+            await asyncio.sleep(src.interval())
+
+    async def _resolve(self, src: Source) -> bool:
+        """Resolve a named server's address (without threads); False to retry later."""
+        if src.resolved:
+            return True
+        self._resolver = self._resolver or Resolver()
+        try:
+            addresses = await self._resolver.resolve(src.cfg.name)
+        except NtsError as exc:
+            src.last_error = str(exc)
+            log.warning("%s: %s", src.name, exc)
+            return False
+        src.set_address(addresses[0])
+        src.load_dump(time.monotonic())
+        return True
+
+    def _update(self, fresh: Source) -> None:
+        """Select, and update the clock when the selected source has a new sample.
+
+        Like chrony, a new sample from another source only re-runs selection:
+        the clock moves on the reference's own measurements, so the update
+        interval is that source's polling interval.
+        """
+        now = self.clock.now_ns()
+        bias = self.clock.pending_slew_s()
+        candidates = [
+            candidate_from_stats(
+                src.key, src.stats, now,
+                reachable=src.reach.reachable,
+                authenticated=src.cfg.nts,
+                prefer=src.cfg.prefer, noselect=src.cfg.noselect,
+                trust=src.cfg.trust, require=src.cfg.require,
+            )
+            for src in self.sources
+        ]
+        for cand in candidates:
+            cand.offset -= bias  # measured against the disciplined timescale
+        selection = select_sources(candidates, self.select_config, self.current)
+        self.selection = selection
+        self.current = selection.selected or self.current
+        if selection.selected is not None and selection.selected != fresh.key \
+                and self.clock_updates > 0:
+            return
+        action = self.discipline.update(now, selection)
+        if action is None:
+            return
+        if action.step_s is not None:
+            log.warning("stepping the clock by %+.6f s", action.step_s)
+        try:
+            apply_action(self.clock, action)
+        except OSError as exc:
+            log.error("cannot adjust the clock: %s", exc)
+            return
+        for src in self.sources:
+            src.stats.apply_correction(now, action.offset_correction_s,
+                                       action.frequency_change_ppm)
+        self.clock_updates += 1
+        tracking = self.tracking()
+        for callback in self.on_update:
+            callback(selection, tracking)
+
+    # -- drift and time files -------------------------------------------------
+
+    def _load_drift(self) -> tuple[float, float] | None:
+        path = self.config.driftfile
+        if path is None:
+            return None
+        try:
+            data = read_state(path)
+            return parse_drift(data.decode("ascii", "replace")) if data is not None else None
+        except StateFileError as exc:
+            log.error("ignoring drift file: %s", exc)
+            return None
+
+    def _save_drift(self) -> None:
+        path = self.config.driftfile
+        if path is None or self.discipline.updates == 0:
+            return
+        text = format_drift(self.discipline.frequency_ppm, self.discipline.skew_ppm)
+        try:
+            atomic_write(path, text.encode(), 0o644)
+        except OSError as exc:
+            log.error("cannot write drift file %s: %s", path, exc)
+
+    def _time_file(self) -> Path | None:
+        base = self.config.ntsdumpdir or (
+            self.config.driftfile.parent if self.config.driftfile else None
+        )
+        return base / TIME_FILE if base else None
+
+    def _save_time(self) -> None:
+        path = self._time_file()
+        if path is None:
+            return
+        try:
+            atomic_write(path, f"{self.clock.now_ns()}\n".encode(), 0o644)
+        except OSError as exc:
+            log.error("cannot save the time to %s: %s", path, exc)
+
+    def _restore_time(self) -> None:
+        """chronyd -s: if the clock is behind the time saved at shutdown, step it there.
+
+        Without an RTC a machine boots in 1970; certificates then look not yet
+        valid and NTS-KE cannot start. The saved time is a lower bound.
+        """
+        path = self._time_file()
+        if path is None:
+            return
+        try:
+            data = read_state(path)
+            if data is None:
+                return
+            saved = int(data.decode("ascii").strip())
+        except (StateFileError, ValueError, UnicodeDecodeError) as exc:
+            log.error("ignoring saved time: %s", exc)
+            return
+        behind = (saved - self.clock.now_ns()) / 1e9
+        if behind > 0:
+            log.warning("clock is %.3f s behind the time saved at shutdown: stepping", behind)
+            try:
+                self.clock.step(behind)
+            except OSError as exc:
+                log.error("cannot step the clock: %s", exc)
+
+    # -- status ---------------------------------------------------------------
+
+    def source_by_key(self, key: str) -> Source:
+        for src in self.sources:
+            if src.key == key:
+                return src
+        raise KeyError(key)
+
+    def tracking(self) -> Tracking:
+        return self.discipline.tracking(self.clock.pending_slew_s())
+
+    def sources_view(self) -> list[dict[str, Any]]:
+        now_ns = self.clock.now_ns()
+        mono = time.monotonic()
+        states = self.selection.states if self.selection else {}
+        bias = self.clock.pending_slew_s()
+        rows = []
+        for src in self.sources:
+            last = src.stats.last_sample
+            has = last is not None and src.last is not None
+            rows.append({
+                "name": src.name,
+                "configured": src.cfg.name,
+                "mode": "^",
+                "state": str(states.get(src.key, SourceState.UNUSABLE)),
+                "stratum": src.last.stratum if src.last else 0,
+                "poll": src.poll,
+                "reach": src.reach.value,
+                "last_rx": mono - src.last_rx if src.last_rx is not None else None,
+                # chronyc's sign: positive = local clock ahead of the source.
+                "adjusted_offset": -(src.stats.offset_at(now_ns) - bias) if has else 0.0,
+                "measured_offset": -src.last.offset if src.last else 0.0,
+                "error": src.root_distance(now_ns) if has else 0.0,
+                "nts": src.cfg.nts,
+                "last_error": src.last_error,
+            })
+        return rows
+
+    def sourcestats_view(self) -> list[dict[str, Any]]:
+        now_ns = self.clock.now_ns()
+        bias = self.clock.pending_slew_s()
+        rows = []
+        for src in self.sources:
+            st = src.stats
+            rows.append({
+                "name": src.name, "configured": src.cfg.name, "np": st.np, "nr": st.nr,
+                "span": st.span, "frequency_ppm": st.frequency_ppm,
+                "skew_ppm": st.skew_ppm if math.isfinite(st.skew_ppm) else None,
+                "offset": -(st.offset_at(now_ns) - bias) if st.np else 0.0,
+                "std_dev": st.std_dev,
+            })
+        return rows
+
+    def authdata_view(self) -> list[dict[str, Any]]:
+        mono = time.monotonic()
+        return [src.authdata(mono) for src in self.sources]
+
+    def ntpdata_view(self) -> list[dict[str, Any]]:
+        rows = []
+        for src in self.sources:
+            m = src.last
+            if m is None:
+                continue
+            rows.append({
+                "name": src.name, "remote_address": m.address, "remote_port": m.port,
+                "leap": m.leap, "version": m.version, "mode": 4, "stratum": m.stratum,
+                "poll": m.poll, "precision": m.precision, "root_delay": m.root_delay,
+                "root_dispersion": m.root_dispersion, "reference_id": m.reference_id,
+                "reference_time_ns": m.reference_time_ns, "offset": -m.offset,
+                "peer_delay": m.delay, "authenticated": m.authenticated,
+                "kernel_rx": m.kernel_rx_timestamp,
+                "requests": int(src.session.stats["requests"]),
+                "accepted": int(src.session.stats["accepted"]),
+                "rejected": {k[len("rejected: "):]: v for k, v in src.session.stats.items()
+                             if k.startswith("rejected: ")},
+            })
+        return rows
+
+    def sync_state_for_server(self) -> tuple[int, int, float, float, bytes, int] | None:
+        """(leap, stratum, root delay, root dispersion, reference id, reference time)."""
+        sel = self.selection
+        if sel is None or not sel.synchronised or sel.selected is None:
+            return None
+        t = self.tracking()
+        refid = _refid_for(self.source_by_key(sel.selected).address)
+        return (int(t.leap) if t.leap != Leap.UNSYNCHRONIZED else 0, t.stratum, t.root_delay,
+                t.root_dispersion, refid,
+                unix_ns_to_ntp(t.ref_time_ns) if t.ref_time_ns else 0)
+
+
+def _refid_for(address: str) -> bytes:
+    """RFC 5905 reference id of an upstream: its IPv4 address, or MD5 of IPv6."""
+    import hashlib
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return hashlib.md5(address.encode(), usedforsecurity=False).digest()[:4]
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip.packed
+    return hashlib.md5(ip.packed, usedforsecurity=False).digest()[:4]
