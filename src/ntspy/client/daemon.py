@@ -160,13 +160,7 @@ class ClientDaemon:
 
     async def stop(self) -> None:
         for src in list(self.sources):
-            task = self._tasks.pop(src, None)
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            src.save_dump()
-            src.session.close()
+            await self._remove(src)
         self._save_drift()
         self._save_time()
 
