@@ -60,8 +60,13 @@ def encode_authenticator(nonce: bytes, ciphertext: bytes) -> bytes:
     return encode_ef(EfType.NTS_AUTHENTICATOR, body)
 
 
-def decode_authenticator(body: bytes) -> tuple[bytes, bytes]:
-    """(nonce, ciphertext) from an authenticator EF body."""
+def decode_authenticator(body: bytes, zero_padding: bool = False) -> tuple[bytes, bytes]:
+    """(nonce, ciphertext) from an authenticator EF body.
+
+    With ``zero_padding`` the padding after the nonce and after the ciphertext
+    must be zeros: the AEAD covers neither, so otherwise anyone on the path
+    could alter those bytes and still have the packet accepted.
+    """
     if len(body) < _AUTH_HEADER.size:
         raise MalformedPacket("NTS authenticator too short")
     nonce_len, ct_len = _AUTH_HEADER.unpack_from(body, 0)
@@ -71,6 +76,10 @@ def decode_authenticator(body: bytes) -> tuple[bytes, bytes]:
         raise MalformedPacket("NTS authenticator lengths exceed the field")
     if nonce_len == 0 or ct_len == 0:
         raise MalformedPacket("NTS authenticator with empty nonce or ciphertext")
+    if zero_padding and (
+        any(body[start + nonce_len:ct_start]) or any(body[ct_start + ct_len:])
+    ):
+        raise MalformedPacket("NTS authenticator padding is not zero")
     return body[start:start + nonce_len], body[ct_start:ct_start + ct_len]
 
 
@@ -155,7 +164,12 @@ def verify_response(
             raise MalformedPacket("NTS NAK must not carry an authenticator")
         raise NtsNakReceived("server sent NTS NAK: it could not use our cookie")
     auth, _ = _split_authenticated(data, efs)
-    nonce, ciphertext = decode_authenticator(auth.body)
+    # Nothing the AEAD does not cover may change unnoticed: no padding other
+    # than zeros, and no trailing bytes (iter_efs would skip 20 or 24 of them
+    # as a legacy MAC) after the authenticator.
+    if auth.offset + EF_HEADER_LEN + len(auth.body) != len(data):
+        raise MalformedPacket("bytes after the NTS authenticator")
+    nonce, ciphertext = decode_authenticator(auth.body, zero_padding=True)
     plaintext = s2c.open(nonce, ciphertext, data[:auth.offset])
     # Only cookies inside the encrypted part count (RFC 8915 s5.7): any in the
     # clear could have been put there by anyone on the path.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import StateFileError
 from ..proto.cookies import DEFAULT_KEPT_KEYS, MASTER_KEY_LEN, KeyRing, MasterKey
-from ..state import b64, load_state, quarantine, save_state, unb64
+from ..state import b64, check_permissions, load_state, quarantine, save_state, unb64
 
 KEY_FILE_NAME = "ntspy-server-keys.state"
 STATE_KIND = "ntspy-server-keys"
@@ -50,8 +50,21 @@ class KeyStore:
                     log.info("loaded %d NTS master keys from %s", len(self.ring.keys), self.path)
             except StateFileError as exc:
                 log.error("NTS server keys unusable, starting a new key ring: %s", exc)
+                self._set_aside()
+            warning = check_permissions(self.path)
+            if warning is not None:
+                log.warning("%s; rewriting it owner-only", warning)
+                self.save()
         self.rotate_if_due(now)
         return self.ring
+
+    def _set_aside(self) -> None:
+        """Move a key file we could not read (a directory, a FIFO...) out of the way:
+        the new ring must be saved there, and the old file must not be lost."""
+        assert self.path is not None
+        if os.path.lexists(self.path):
+            moved = quarantine(self.path)
+            log.error("moved unreadable NTS key file %s to %s", self.path, moved)
 
     def rotate_if_due(self, now: int) -> bool:
         if not self.ring.due(now, self.rotate_interval):
@@ -106,8 +119,15 @@ class KeyStore:
                 MasterKey(int(k["id"]), unb64(k["key"]), int(k["created"]))
                 for k in state.payload["keys"]
             ]
-            return keys[: self.ring.kept]
-        except (KeyError, TypeError, ValueError) as exc:
+            if len({k.key_id for k in keys}) != len(keys):
+                raise ValueError("duplicate key id")
+            # The file lists the newest first; the ring adds the oldest first and
+            # sorts stably by creation time, so reversing keeps keys created in the
+            # same second in order across a restart (the current key stays current).
+            return keys[: self.ring.kept][::-1]
+        # OverflowError: a JSON number like 1e400 reads as infinity;
+        # StateFileError: a key that is not base64.
+        except (KeyError, TypeError, ValueError, OverflowError, StateFileError) as exc:
             moved = quarantine(self.path)
             raise StateFileError(f"{self.path}: bad key entry ({exc}); moved to {moved}") from exc
 

@@ -20,7 +20,6 @@ from ..proto.cookies import COOKIE_NONCE_LEN, KeyRing, cookie_length
 from ..proto.ntp import (
     HEADER_LEN,
     KISS_RATE,
-    ExtensionField,
     Leap,
     Mode,
     NtpHeader,
@@ -111,9 +110,12 @@ class Responder:
             if verdict is Verdict.DROP:
                 stats.add("ntp_dropped")
                 return None
+        # Parse everything before counting, so each packet lands in exactly one
+        # of received / malformed / denied / dropped.
         try:
             efs = list(iter_efs(data)) if header.version == 4 else []
-        except MalformedPacket:
+            request = nts.parse_request(data, header, efs) if nts.is_nts_request(efs) else None
+        except (MalformedPacket, AuthenticationFailure):
             stats.add("ntp_malformed")
             return None
         stats.add("ntp_received")
@@ -121,8 +123,8 @@ class Responder:
         if verdict is Verdict.LEAK:
             reply.stratum, reply.reference_id = 0, KISS_RATE
             stats.add("ntp_rate_kod")
-        if nts.is_nts_request(efs):
-            return self._nts(data, header, efs, reply, tx_clock)
+        if request is not None:
+            return self._nts(data, request, reply, tx_clock)
         reply.transmit_ts = unix_ns_to_ntp(tx_clock())
         stats.add("daemon_tx")
         return reply.pack()
@@ -147,17 +149,11 @@ class Responder:
     def _nts(
         self,
         data: bytes,
-        header: NtpHeader,
-        efs: list[ExtensionField],
+        request: nts.NtsRequest,
         reply: NtpHeader,
         tx_clock: Callable[[], int],
     ) -> bytes | None:
         stats = self.stats
-        try:
-            request = nts.parse_request(data, header, efs)
-        except (MalformedPacket, AuthenticationFailure):
-            stats.add("ntp_malformed")
-            return None
         try:
             keys = self.keyring.open(request.cookie)
             c2s = self._aeads.get(keys.aead_id, keys.c2s)
