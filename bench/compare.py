@@ -1,0 +1,521 @@
+#!/usr/bin/env python3
+"""ntspy's NTS server side by side with chronyd on this machine.
+
+Usage: ``bench/compare`` (about 6 minutes) or ``bench/compare --quick``
+(about 1 minute).  See docs/performance.md for what each figure means.
+
+Everything runs on loopback with ports picked at run time, in a temp dir:
+one throwaway CA and one P-256 server certificate shared by both servers.
+Each server runs pinned to CPU 0 (``taskset -c 0``), this script and its load
+generator to CPU 1.  The servers take turns (chronyd, ntspy with 1 worker,
+ntspy with 2 workers, and again, ``--rounds`` times), each freshly started,
+and the table shows the median over the rounds.  Every process started here
+is ended by its PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import loadgen  # a sibling script, not a package
+
+from ntspy.certs import make_test_pki
+from ntspy.errors import NtsError
+
+CHRONYD = shutil.which("chronyd") or "/usr/sbin/chronyd"
+NO_SYS_TIME = ["setpriv", "--bounding-set", "-sys_time", "--inh-caps", "-sys_time"]
+SERVER_CPU = 0
+CLIENT_CPU = 1
+START_TIMEOUT = 15.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+CHRONYD_NAME = "chronyd"
+NTSPY1 = "ntspy-1w"
+NTSPY2 = "ntspy-2w"
+
+
+@dataclass(slots=True)
+class Settings:
+    rounds: int = 5
+    seconds: float = 5.0
+    window: int = 64
+    processes: int = 1
+    handshakes: int = 1000
+    queries: int = 3
+    chrony_default_q: bool = True  # also time `chronyd -Q` with chrony's default iburst
+    chrony_clientlog: bool = False
+    variants: list[str] = field(default_factory=lambda: [CHRONYD_NAME, NTSPY1, NTSPY2])
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 right now."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port found")
+
+
+# ---------------------------------------------------------------------------
+# /proc
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (chronyd's NTS-KE helper, ntspy's workers)."""
+    kids = _children()
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+
+def cpu_seconds(root: int) -> float:
+    """utime + stime of the whole process tree, in seconds (10 ms resolution)."""
+    total = 0
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / CLK_TCK
+
+
+def pss_mib(root: int) -> float:
+    """Proportional set size of the tree now: shared pages (fork, libraries) counted once."""
+    total = 0
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+def peak_rss_mib(root: int) -> list[float]:
+    """VmHWM of every process in the tree, in MiB."""
+    out = []
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    out.append(int(line.split()[1]) / 1024)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Servers
+
+
+@dataclass(slots=True)
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    ntp_port: int
+    ke_port: int
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_server(name: str, work: Path, pki: Path, settings: Settings) -> Server:
+    """Start one server variant pinned to SERVER_CPU and wait until it answers NTS-KE."""
+    ntp_port, ke_port = free_port(), free_port()
+    d = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
+    (d / "keys").mkdir()
+    common = [
+        f"port {ntp_port}",
+        f"ntsport {ke_port}",
+        "bindaddress 127.0.0.1",
+        "allow 127.0.0.1",
+        f"ntsservercert {pki / 'server.pem'}",
+        f"ntsserverkey {pki / 'server.key'}",
+        f"ntsdumpdir {d / 'keys'}",
+    ]
+    pin = ["taskset", "-c", str(SERVER_CPU)]
+    if name == CHRONYD_NAME:
+        extra = [] if settings.chrony_clientlog else ["noclientlog"]
+        conf = _write(d / "chrony.conf", [
+            *common, "local stratum 1", f"pidfile {d / 'chronyd.pid'}", "cmdport 0", *extra,
+        ])
+        argv = [*pin, *NO_SYS_TIME, CHRONYD, "-x", "-u", "root", "-d", "-f", str(conf)]
+    else:
+        workers = 2 if name == NTSPY2 else 1
+        conf = _write(d / "ntspy.conf", [
+            *common, "local stratum 2", f"ntsprocesses {workers}",
+            f"bindcmdaddress {d / 'ntspy.sock'}",
+        ])
+        argv = [*pin, sys.executable, "-m", "ntspy", "serve", "-f", str(conf),
+                "--log-level", "warning"]
+    log = d / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(name, proc, ntp_port, ke_port, log)
+    try:
+        _wait_ready(server, pki / "ca.pem")
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _wait_ready(server: Server, ca: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    last = ""
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited early:\n{server.log.read_text()}")
+        try:
+            loadgen.fetch_credentials("localhost", server.ke_port, ca)
+            return
+        except NtsError as exc:
+            last = str(exc)
+            time.sleep(0.1)
+    raise RuntimeError(f"{server.name} not ready: {last}\n{server.log.read_text()}")
+
+
+@contextlib.contextmanager
+def running(name: str, work: Path, pki: Path, settings: Settings) -> Iterator[Server]:
+    server = start_server(name, work, pki, settings)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------
+# Measurements
+
+
+def measure_load(server: Server, ca: Path, nts: bool, s: Settings) -> dict[str, float]:
+    creds = loadgen.fetch_credentials("localhost", server.ke_port, ca) if nts else None
+    before = cpu_seconds(server.pid)
+    counts = loadgen.run_load("127.0.0.1", server.ntp_port, seconds=s.seconds, window=s.window,
+                              processes=s.processes, creds=creds)
+    cpu = cpu_seconds(server.pid) - before
+    if counts.invalid or not counts.valid:
+        raise RuntimeError(f"{server.name}: bad responses: {counts.to_json()}")
+    return {
+        "rate": counts.rate,
+        "per_cpu_s": counts.valid / cpu if cpu > 0 else 0.0,
+        "server_cpu_busy": cpu / counts.seconds,
+        "lost": float(counts.lost),
+        "verified": float(counts.verified),
+    }
+
+
+def measure_ke(server: Server, ca: Path, s: Settings) -> dict[str, float]:
+    before = cpu_seconds(server.pid)
+    run = loadgen.ke_handshakes("localhost", server.ke_port, ca, s.handshakes)
+    cpu = cpu_seconds(server.pid) - before
+    if run.failed:
+        raise RuntimeError(f"{server.name}: {run.failed} NTS-KE failed: {run.first_error}")
+    return {"cpu_ms": 1000 * cpu / run.ok, "per_s": run.ok / run.seconds}
+
+
+def _timed(argv: list[str], ok: Callable[[str], bool]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    wall = time.perf_counter() - start
+    text = (proc.stdout + proc.stderr).decode(errors="replace")
+    if proc.returncode != 0 or not ok(text):
+        raise RuntimeError(f"{argv[0]} failed ({proc.returncode}):\n{text}")
+    return wall
+
+
+def ntspy_query(server: Server, ca: Path) -> float:
+    """Wall time of ``ntspy query`` for one authenticated sample (new interpreter each time)."""
+    argv = [sys.executable, "-m", "ntspy", "query", "--ca", str(ca), "--ke-port",
+            str(server.ke_port), "--samples", "1", "--json", "localhost"]
+    return _timed(argv, lambda out: '"authenticated": true' in out)
+
+
+def chronyd_query(server: Server, ca: Path, work: Path, one_sample: bool) -> float:
+    """Wall time of ``chronyd -Q`` with an NTS source, until it prints the offset and exits.
+
+    ``one_sample`` adds ``maxsamples 1`` so chronyd stops after one sample;
+    without it chronyd takes its usual iburst of 4 samples (about 6 s).
+    """
+    d = Path(tempfile.mkdtemp(prefix="chronyq-", dir=work))
+    source = f"server localhost port {server.ntp_port} ntsport {server.ke_port} nts iburst"
+    if one_sample:
+        source += " maxsamples 1"
+    argv = [*NO_SYS_TIME, CHRONYD, "-Q", "-u", "root", "-t", "30", source,
+            f"ntstrustedcerts {ca}", f"pidfile {d / 'chronyd.pid'}", "cmdport 0"]
+    return _timed(argv, lambda out: "System clock wrong by" in out)
+
+
+def measure_round(server: Server, pki: Path, work: Path, s: Settings,
+                  first_round: bool) -> dict[str, float]:
+    ca = pki / "ca.pem"
+    out: dict[str, float] = {"rss_start": max(peak_rss_mib(server.pid))}
+    for key, value in measure_load(server, ca, False, s).items():
+        out[f"ntp_{key}"] = value
+    for key, value in measure_load(server, ca, True, s).items():
+        out[f"nts_{key}"] = value
+    rss = peak_rss_mib(server.pid)
+    out["rss_max"] = max(rss)
+    out["pss_sum"] = pss_mib(server.pid)
+    for key, value in measure_ke(server, ca, s).items():
+        out[f"ke_{key}"] = value
+    out["q_ntspy"] = statistics.median(ntspy_query(server, ca) for _ in range(s.queries))
+    out["q_chronyd1"] = statistics.median(
+        chronyd_query(server, ca, work, True) for _ in range(s.queries)
+    )
+    if s.chrony_default_q and first_round:
+        out["q_chronyd_default"] = chronyd_query(server, ca, work, False)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "?"
+    return (out.stdout or out.stderr).strip().splitlines()[0]
+
+
+def machine_info() -> dict[str, str]:
+    import cryptography
+    import OpenSSL.SSL
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    import ntspy
+
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model,
+        "cpus": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "loadavg": Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__(),
+        "python": platform.python_version(),
+        "ntspy": ntspy.__version__,
+        "cryptography": f"{cryptography.__version__} ({backend.openssl_version_text()})",
+        "pyOpenSSL": f"{OpenSSL.__version__} "
+                     f"({OpenSSL.SSL.OpenSSL_version(OpenSSL.SSL.OPENSSL_VERSION).decode()})",
+        "chrony": _version([CHRONYD, "-v"]),
+    }
+
+
+@dataclass(slots=True)
+class Row:
+    label: str
+    key: str
+    fmt: str
+    target: str = ""
+    higher_is_better: bool = True
+
+
+ROWS = [
+    Row("plain NTP responses/s", "ntp_rate", "{:,.0f}", ">= 0.5x"),
+    Row("  per server CPU-second", "ntp_per_cpu_s", "{:,.0f}"),
+    Row("  server CPU busy", "ntp_server_cpu_busy", "{:.0%}"),
+    Row("NTS responses/s (AEAD 15)", "nts_rate", "{:,.0f}", ">= 0.5x"),
+    Row("  per server CPU-second", "nts_per_cpu_s", "{:,.0f}"),
+    Row("  server CPU busy", "nts_server_cpu_busy", "{:.0%}"),
+    Row("NTS-KE server CPU ms/handshake", "ke_cpu_ms", "{:.3f}", "<= 1x", False),
+    Row("  handshakes/s (client-bound)", "ke_per_s", "{:,.0f}"),
+    Row("peak RSS, largest process MiB", "rss_max", "{:.1f}", "<= 40 MiB", False),
+    Row("  same, before any load MiB", "rss_start", "{:.1f}", "", False),
+    Row("PSS after load, all processes MiB", "pss_sum", "{:.1f}", "", False),
+    Row("query wall s: ntspy query", "q_ntspy", "{:.3f}", "", False),
+    Row("query wall s: chronyd -Q maxsamples 1", "q_chronyd1", "{:.3f}", "", False),
+    Row("query wall s: chronyd -Q (iburst)", "q_chronyd_default", "{:.3f}", "", False),
+]
+
+
+def medians(results: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for name, rounds in results.items():
+        keys = {k for r in rounds for k in r}
+        out[name] = {k: statistics.median(r[k] for r in rounds if k in r) for k in keys}
+    return out
+
+
+def render(med: dict[str, dict[str, float]], variants: list[str]) -> str:
+    others = [v for v in variants if v != CHRONYD_NAME]
+    head = ["metric (median)", *variants, *(f"{v}/chronyd" for v in others), "target"]
+    lines: list[list[str]] = [head]
+    for row in ROWS:
+        cells = [row.label]
+        for v in variants:
+            value = med.get(v, {}).get(row.key)
+            cells.append(row.fmt.format(value) if value is not None else "-")
+        base = med.get(CHRONYD_NAME, {}).get(row.key)
+        for v in others:
+            value = med.get(v, {}).get(row.key)
+            cells.append(f"{value / base:.2f}" if value is not None and base else "-")
+        cells.append(row.target)
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    text = []
+    for n, line in enumerate(lines):
+        text.append("  ".join(
+            c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(line)
+        ).rstrip())
+        if n == 0:
+            text.append("  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def generator_summary(results: dict[str, list[dict[str, float]]]) -> str:
+    """The proof that the load generator is not what limits the rates."""
+    lines = []
+    for kind in ("ntp", "nts"):
+        best = max((r for rounds in results.values() for r in rounds),
+                   key=lambda r: r[f"{kind}_rate"])
+        lines.append(f"load generator, {kind.upper()}: best {best[f'{kind}_rate']:,.0f} valid "
+                     f"responses/s, the server's CPU {best[f'{kind}_server_cpu_busy']:.0%} busy "
+                     f"meanwhile (near 100%: the server was the limit, not the generator)")
+    return "\n".join(lines)
+
+
+def query_summary(med: dict[str, dict[str, float]]) -> str:
+    """``ntspy query`` against ``chronyd -Q``, both timed against the same servers."""
+    lines = []
+    for server, m in med.items():
+        parts = [f"against {server}: ntspy query {m['q_ntspy']:.3f} s"]
+        parts.append(f"= {m['q_ntspy'] / m['q_chronyd1']:.2f}x chronyd -Q maxsamples 1")
+        if "q_chronyd_default" in m:
+            parts.append(f"= {m['q_ntspy'] / m['q_chronyd_default']:.2f}x chronyd -Q iburst")
+        lines.append(", ".join(parts))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
+    p = argparse.ArgumentParser(description="ntspy vs chronyd, side by side on loopback")
+    p.add_argument("--quick", action="store_true", help="about one minute: shorter runs")
+    p.add_argument("--rounds", type=int, help="rounds of A/B alternation (default 5)")
+    p.add_argument("--seconds", type=float, help="seconds of load per run (default 5)")
+    p.add_argument("--window", type=int, help="requests in flight per generator process")
+    p.add_argument("--processes", type=int, help="load generator processes (default 1)")
+    p.add_argument("--handshakes", type=int, help="NTS-KE sessions per run (default 1000)")
+    p.add_argument("--chrony-clientlog", action="store_true",
+                   help="leave chronyd's client log on (default: noclientlog, see docs)")
+    p.add_argument("--only", choices=[CHRONYD_NAME, NTSPY1, NTSPY2], action="append",
+                   help="run only these servers")
+    p.add_argument("--json", type=Path, help="also write every round's figures here")
+    args = p.parse_args(argv)
+    s = Settings()
+    if args.quick:
+        s.rounds, s.seconds, s.handshakes, s.queries = 3, 1.0, 200, 1
+        s.chrony_default_q = False
+    for name in ("rounds", "seconds", "window", "processes", "handshakes"):
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
+    s.chrony_clientlog = args.chrony_clientlog
+    if args.only:
+        s.variants = [v for v in s.variants if v in args.only]
+    return s, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    s, args = parse_args(argv)
+    if len(os.sched_getaffinity(0)) < 2 or (os.cpu_count() or 1) < 2:
+        print("compare: needs two CPUs (server on CPU 0, load on CPU 1)", file=sys.stderr)
+        return 2
+    os.sched_setaffinity(0, {CLIENT_CPU})
+    started = time.monotonic()
+    info = machine_info()
+    for key, value in info.items():
+        print(f"{key:>13}: {value}")
+    print(f"{'settings':>13}: {s.rounds} rounds, {s.seconds:g} s load, window {s.window} x "
+          f"{s.processes} process(es), {s.handshakes} NTS-KE, {s.queries} queries; "
+          f"chronyd {'with' if s.chrony_clientlog else 'noclientlog'}")
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in s.variants}
+    with tempfile.TemporaryDirectory(prefix="ntspy-bench-") as tmp:
+        work = Path(tmp)
+        pki = work / "pki"
+        make_test_pki(pki)  # P-256 key and certificate, the same for both servers
+        for rnd in range(s.rounds):
+            for name in s.variants:
+                with running(name, work, pki, s) as server:
+                    r = measure_round(server, pki, work, s, rnd == 0)
+                results[name].append(r)
+                print(f"round {rnd + 1}/{s.rounds} {name:8}: NTP {r['ntp_rate']:>9,.0f}/s "
+                      f"(server CPU {r['ntp_server_cpu_busy']:.0%})  NTS {r['nts_rate']:>9,.0f}/s "
+                      f"(server CPU {r['nts_server_cpu_busy']:.0%})  KE {r['ke_cpu_ms']:.3f} "
+                      f"ms  RSS {r['rss_max']:.1f} MiB  query {r['q_ntspy']:.3f} s",
+                      flush=True)
+    med = medians(results)
+    print()
+    print(render(med, s.variants))
+    print()
+    print(query_summary(med))
+    print(generator_summary(results))
+    print(f"\nloadavg after: {Path('/proc/loadavg').read_text().strip()}; "
+          f"total {time.monotonic() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "rounds": results, "median": med},
+                                        indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
