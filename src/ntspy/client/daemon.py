@@ -176,12 +176,16 @@ class ClientDaemon:
             # clock has been updated N times (it may start out far off).
             src.set_time_check(self.clock_updates >= self.config.nocerttimecheck)
             try:
-                measurement = await src.poll_once(loop.time())
+                measurement = await src.poll_once(loop.time(), self.clock.pending_slew_s)
             except Exception:  # a bug in one source must not stop the others
                 log.exception("%s: poll failed", src.name)
                 measurement = None
             if measurement is not None:
                 self._update(src)
+            elif self.selection is not None:
+                # A source that stops answering must leave the selection even
+                # when no other source brings in a sample to re-run it.
+                self._select(self.disciplined_now())
             await asyncio.sleep(src.interval())
 
     async def _resolve(self, src: Source) -> bool:
@@ -206,25 +210,12 @@ class ClientDaemon:
         the clock moves on the reference's own measurements, so the update
         interval is that source's polling interval.
         """
-        now = self.clock.now_ns()
-        bias = self.clock.pending_slew_s()
-        candidates = [
-            candidate_from_stats(
-                src.key, src.stats, now,
-                reachable=src.reach.reachable,
-                authenticated=src.cfg.nts,
-                prefer=src.cfg.prefer, noselect=src.cfg.noselect,
-                trust=src.cfg.trust, require=src.cfg.require,
-            )
-            for src in self.sources
-        ]
-        for cand in candidates:
-            cand.offset -= bias  # measured against the disciplined timescale
-        selection = select_sources(candidates, self.select_config, self.current)
-        self.selection = selection
-        self.current = selection.selected or self.current
+        now = self.disciplined_now()
+        selection = self._select(now)
         if selection.selected is not None and selection.selected != fresh.key \
                 and self.clock_updates > 0:
+            return
+        if self._waiting_for_others(fresh):
             return
         action = self.discipline.update(now, selection)
         if action is None:
@@ -243,6 +234,40 @@ class ClientDaemon:
         tracking = self.tracking()
         for callback in self.on_update:
             callback(selection, tracking)
+
+    def _select(self, now: int) -> Selection:
+        """Run source selection over every source's statistics; keep the result."""
+        candidates = [
+            candidate_from_stats(
+                src.key, src.stats, now,
+                reachable=src.reach.reachable,
+                authenticated=src.cfg.nts,
+                prefer=src.cfg.prefer, noselect=src.cfg.noselect,
+                trust=src.cfg.trust, require=src.cfg.require,
+            )
+            for src in self.sources
+        ]
+        selection = select_sources(candidates, self.select_config, self.current)
+        self.selection = selection
+        self.current = selection.selected or self.current
+        return selection
+
+    def _waiting_for_others(self, fresh: Source) -> bool:
+        """At start, hold the first clock update until the other answering sources
+        have as many samples as ``fresh`` (for up to 8 polls), as chrony does:
+        otherwise whichever server answers first, a falseticker too, sets the clock."""
+        if self.clock_updates > 0 or fresh.polls >= 8:
+            return False
+        return any(src.reach.reachable and src.stats.np < fresh.stats.np
+                   for src in self.sources if src is not fresh)
+
+    def disciplined_now(self) -> int:
+        """Now on the disciplined timescale: the clock plus its pending correction.
+
+        Samples are kept on this timescale (see :meth:`Source.poll_once`); with
+        ``-x`` it is the virtual clock that was never applied to the system clock.
+        """
+        return self.clock.now_ns() + round(self.clock.pending_slew_s() * 1e9)
 
     # -- drift and time files -------------------------------------------------
 
@@ -319,10 +344,9 @@ class ClientDaemon:
         return self.discipline.tracking(self.clock.pending_slew_s())
 
     def sources_view(self) -> list[dict[str, Any]]:
-        now_ns = self.clock.now_ns()
+        now_ns = self.disciplined_now()
         mono = time.monotonic()
         states = self.selection.states if self.selection else {}
-        bias = self.clock.pending_slew_s()
         rows = []
         for src in self.sources:
             last = src.stats.last_sample
@@ -337,7 +361,7 @@ class ClientDaemon:
                 "reach": src.reach.value,
                 "last_rx": mono - src.last_rx if src.last_rx is not None else None,
                 # chronyc's sign: positive = local clock ahead of the source.
-                "adjusted_offset": -(src.stats.offset_at(now_ns) - bias) if has else 0.0,
+                "adjusted_offset": -src.stats.offset_at(now_ns) if has else 0.0,
                 "measured_offset": -src.last.offset if src.last else 0.0,
                 "error": src.root_distance(now_ns) if has else 0.0,
                 "nts": src.cfg.nts,
@@ -346,8 +370,7 @@ class ClientDaemon:
         return rows
 
     def sourcestats_view(self) -> list[dict[str, Any]]:
-        now_ns = self.clock.now_ns()
-        bias = self.clock.pending_slew_s()
+        now_ns = self.disciplined_now()
         rows = []
         for src in self.sources:
             st = src.stats
@@ -355,7 +378,7 @@ class ClientDaemon:
                 "name": src.name, "configured": src.cfg.name, "np": st.np, "nr": st.nr,
                 "span": st.span, "frequency_ppm": st.frequency_ppm,
                 "skew_ppm": st.skew_ppm if math.isfinite(st.skew_ppm) else None,
-                "offset": -(st.offset_at(now_ns) - bias) if st.np else 0.0,
+                "offset": -st.offset_at(now_ns) if st.np else 0.0,
                 "std_dev": st.std_dev,
             })
         return rows

@@ -199,10 +199,18 @@ class Source:
 
     # -- polling -------------------------------------------------------------
 
-    async def poll_once(self, now: float) -> Measurement | None:
-        """One exchange; updates reach, statistics and the poll interval."""
+    async def poll_once(self, now: float,
+                        pending: Callable[[], float] | None = None) -> Measurement | None:
+        """One exchange; updates reach, statistics and the poll interval.
+
+        ``pending`` tells how far the clock is behind the disciplined
+        timescale (the clock's pending correction; with ``-x`` every
+        correction ever made): samples are kept on that timescale, the one
+        the daemon's corrections and selection work on.
+        """
         self.polls += 1
-        if self.iburst_left > 0:
+        in_burst = self.iburst_left > 0
+        if in_burst:
             self.iburst_left -= 1
         measurement = await self._exchange(now)
         self.reach.update(measurement is not None)
@@ -210,9 +218,10 @@ class Source:
             self.good_streak = 0
             return None
         self.last, self.last_rx, self.last_error = measurement, now, ""
+        bias = pending() if pending is not None else 0.0
         self.stats.add(Sample(
-            time=measurement.t4,
-            offset=measurement.offset,
+            time=measurement.t4 + round(bias * 1e9),
+            offset=measurement.offset - bias,
             delay=measurement.delay,
             dispersion=2.0 ** measurement.precision + PHI * measurement.delay,
             root_delay=measurement.root_delay,
@@ -221,7 +230,10 @@ class Source:
             leap=Leap(measurement.leap),
             authenticated=measurement.authenticated,
         ))
-        self.good_streak += 1
+        # Burst samples come 2 s apart: they say nothing about whether the
+        # source is steady over the poll interval, so the interval stays.
+        if not in_burst:
+            self.good_streak += 1
         if self.good_streak >= POLL_RAISE_AFTER and self.poll < self.cfg.maxpoll:
             self.poll += 1
             self.good_streak = 0
