@@ -135,6 +135,20 @@ def quarantine(path: Path) -> Path | None:
     raise AssertionError("unreachable")  # itertools.count never ends
 
 
+def set_aside(path: Path) -> Path | None:
+    """Move whatever unusable thing is at ``path`` (a damaged file, a directory, a
+    FIFO) out of the way, so a good file can be written there and nothing is lost.
+
+    Returns where it went, or None if there was nothing or it could not be moved.
+    """
+    if not os.path.lexists(path):
+        return None
+    try:
+        return quarantine(path)
+    except StateFileError:
+        return None
+
+
 def check_permissions(path: Path) -> str | None:
     """A warning if group or others may read or write a file holding secrets.
 

@@ -24,7 +24,7 @@ from ..errors import NtsError, StateFileError
 from ..net.dns import Resolver
 from ..net.tls import TrustConfig
 from ..proto.ntp import Leap, unix_ns_to_ntp
-from ..state import atomic_write, read_state
+from ..state import atomic_write, read_state, set_aside
 from ..sync.discipline import Discipline, Tracking, apply_action, format_drift, parse_drift
 from ..sync.filter import UNKNOWN_SKEW_PPM
 from ..sync.select import (
@@ -279,7 +279,8 @@ class ClientDaemon:
             data = read_state(path)
             return parse_drift(data.decode("ascii", "replace")) if data is not None else None
         except StateFileError as exc:
-            log.error("ignoring drift file: %s", exc)
+            moved = set_aside(path)
+            log.error("ignoring drift file: %s%s", exc, f" (moved to {moved})" if moved else "")
             return None
 
     def _save_drift(self) -> None:
@@ -322,7 +323,8 @@ class ClientDaemon:
                 return
             saved = int(data.decode("ascii").strip())
         except (StateFileError, ValueError, UnicodeDecodeError) as exc:
-            log.error("ignoring saved time: %s", exc)
+            moved = set_aside(path)
+            log.error("ignoring saved time: %s%s", exc, f" (moved to {moved})" if moved else "")
             return
         behind = (saved - self.clock.now_ns()) / 1e9
         if behind > 0:

@@ -23,7 +23,7 @@ from ..errors import KeConnectionError, KeError, NtsError, StateFileError
 from ..net.tls import TrustConfig
 from ..proto.aead import info
 from ..proto.ntp import Leap
-from ..state import load_state, save_state
+from ..state import check_permissions, load_state, save_state, set_aside
 from ..sync.filter import ReachRegister, Sample, SourceStats
 from .session import Measurement, NtsSession, PlainSession
 
@@ -137,11 +137,17 @@ class Source:
                 self.ke.last_success_wall = float(wall)
                 age = max(0.0, self.clock.now_ns() / 1e9 - float(wall))
                 self.ke.last_success = now - age
-        except (StateFileError, KeyError, TypeError, ValueError) as exc:
-            log.warning("%s: ignoring saved NTS cookies: %s", self.name, exc)
+        except (StateFileError, KeyError, TypeError, ValueError, OverflowError) as exc:
+            moved = set_aside(self.dump_path)
+            where = f" (moved to {moved})" if moved else ""
+            log.warning("%s: ignoring saved NTS cookies: %s%s", self.name, exc, where)
             return False
         log.info("%s: loaded %d NTS cookies from %s", self.name, len(self.session.cookies),
                  self.dump_path)
+        warning = check_permissions(self.dump_path)
+        if warning is not None:
+            log.warning("%s; rewriting it owner-only", warning)
+            self.save_dump()
         return True
 
     def save_dump(self) -> None:

@@ -18,7 +18,15 @@ from pathlib import Path
 
 from ..errors import StateFileError
 from ..proto.cookies import DEFAULT_KEPT_KEYS, MASTER_KEY_LEN, KeyRing, MasterKey
-from ..state import b64, check_permissions, load_state, quarantine, save_state, unb64
+from ..state import (
+    b64,
+    check_permissions,
+    load_state,
+    quarantine,
+    save_state,
+    set_aside,
+    unb64,
+)
 
 KEY_FILE_NAME = "ntspy-server-keys.state"
 STATE_KIND = "ntspy-server-keys"
@@ -62,8 +70,8 @@ class KeyStore:
         """Move a key file we could not read (a directory, a FIFO...) out of the way:
         the new ring must be saved there, and the old file must not be lost."""
         assert self.path is not None
-        if os.path.lexists(self.path):
-            moved = quarantine(self.path)
+        moved = set_aside(self.path)
+        if moved is not None:
             log.error("moved unreadable NTS key file %s to %s", self.path, moved)
 
     def rotate_if_due(self, now: int) -> bool:
