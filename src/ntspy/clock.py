@@ -80,6 +80,11 @@ class ClockControl(Clock, Protocol):
 
     def pending_slew_s(self) -> float: ...
 
+    def set_leap(self, leap: int) -> None:
+        """Arm the kernel for a leap second at the end of the UTC day (RFC 5905 LI:
+        1 insert, 2 delete, 0 none)."""
+        ...
+
 
 class MeasureOnlyClock(SystemClock):
     """The system clock left free-running (``chronyd -x``).
@@ -91,13 +96,14 @@ class MeasureOnlyClock(SystemClock):
     without ever changing it.
     """
 
-    __slots__ = ("_correction", "_freq_since_ns", "frequency_ppm", "steps")
+    __slots__ = ("_correction", "_freq_since_ns", "frequency_ppm", "leap", "steps")
 
     can_control = False
 
     def __init__(self) -> None:
         self.steps: list[float] = []
         self.frequency_ppm = 0.0
+        self.leap = 0
         self._correction = 0.0
         self._freq_since_ns = self.now_ns()
 
@@ -121,6 +127,9 @@ class MeasureOnlyClock(SystemClock):
         self._integrate()
         return self._correction
 
+    def set_leap(self, leap: int) -> None:
+        self.leap = leap
+
 
 # Linux struct timex (include/uapi/linux/timex.h), read and written with
 # clock_adjtime(). Resolved from the process's own symbol table (CDLL(None)) so
@@ -129,6 +138,9 @@ _ADJ_OFFSET_SINGLESHOT = 0x8001
 _ADJ_OFFSET_SS_READ = 0xA001
 _ADJ_FREQUENCY = 0x0002
 _ADJ_SETOFFSET = 0x0100
+_ADJ_STATUS = 0x0010
+_STA_INS = 0x0010
+_STA_DEL = 0x0020
 _ADJ_NANO = 0x2000
 _FREQ_SCALE = 65536.0  # timex.freq is ppm with a 16-bit fraction
 MAX_FREQUENCY_PPM = 500.0  # the kernel's limit for timex.freq
@@ -226,3 +238,14 @@ class SystemClockControl(SystemClock):
 
     def frequency_ppm(self) -> float:
         return float(self.read().freq) / _FREQ_SCALE
+
+    def set_leap(self, leap: int) -> None:
+        tx = self.read()
+        status = tx.status & ~(_STA_INS | _STA_DEL)
+        status |= {1: _STA_INS, 2: _STA_DEL}.get(leap, 0)
+        if status == tx.status:
+            return
+        tx = Timex()
+        tx.modes = _ADJ_STATUS
+        tx.status = status
+        self.adjtime(tx)

@@ -56,6 +56,9 @@ class FakeClock:
     def pending_slew_s(self) -> float:
         return 0.0
 
+    def set_leap(self, leap: int) -> None:
+        self.leap = leap
+
 
 def config(tmp_path: Path, *lines: str) -> Config:
     return parse_config("\n".join([f"ntsdumpdir {tmp_path}", f"driftfile {tmp_path / 'drift'}",
@@ -284,3 +287,25 @@ async def test_samples_kept_on_the_disciplined_timescale() -> None:
     assert last is not None
     assert last.offset == pytest.approx(0.0)
     assert last.time == NOW + 3600 * 10**9
+
+
+async def test_leap_second_announced_by_the_source_is_armed_in_the_clock(tmp_path: Path) -> None:
+    clock = FakeClock()
+    daemon = ClientDaemon(config(tmp_path, "server 127.0.0.1 minpoll 0 maxpoll 0"), clock)
+    daemon.sources = await daemon._make_sources(daemon.configured_sources())
+    (src,) = daemon.sources
+    t4 = NOW
+
+    async def leap_pending() -> Measurement:
+        m = measurement(offset=0.0001, t4=t4)
+        m.leap = 1  # the server announces an inserted second tonight
+        return m
+
+    src.session.measure = leap_pending  # type: ignore[method-assign]
+    for _ in range(6):
+        clock.now = t4
+        assert await src.poll_once(0.0, clock.pending_slew_s) is not None
+        daemon._update(src)
+        t4 += 10**9
+    assert daemon.clock_updates >= 1
+    assert clock.leap == 1

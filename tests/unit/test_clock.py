@@ -66,3 +66,15 @@ def test_measure_only_clock_keeps_corrections_virtual_and_never_changes_time() -
     time.sleep(0.05)
     assert 3600.5 + 0.004 < clock.pending_slew_s() < 3600.5 + 0.05
     assert abs(clock.now_ns() - before) < 1_000_000_000
+
+
+def test_arming_a_leap_second_is_refused_without_the_capability() -> None:
+    assert not effective_caps() & (1 << CAP_SYS_TIME)
+    clock = SystemClockControl()
+    before = clock.read().status
+    with pytest.raises(ClockAdjtimeError):
+        clock.set_leap(1)
+    assert clock.read().status == before
+    measured = MeasureOnlyClock()
+    measured.set_leap(2)
+    assert measured.leap == 2

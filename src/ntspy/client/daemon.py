@@ -72,6 +72,7 @@ class ClientDaemon:
             authselectmode=AuthSelectMode(config.authselectmode),
         )
         self.clock_updates = 0
+        self._leap_armed = 0
         self._tasks: dict[Source, asyncio.Task[None]] = {}
         self._resolver = self.options.resolver
         self._started = time.monotonic()
@@ -230,6 +231,14 @@ class ClientDaemon:
         for src in self.sources:
             src.stats.apply_correction(now, action.offset_correction_s,
                                        action.frequency_change_ppm)
+        leap = int(selection.leap) if selection.leap in (Leap.INSERT_SECOND, Leap.DELETE_SECOND) \
+            else 0
+        if leap != self._leap_armed:
+            try:
+                self.clock.set_leap(leap)
+                self._leap_armed = leap
+            except OSError as exc:
+                log.error("cannot arm the leap second: %s", exc)
         self.clock_updates += 1
         tracking = self.tracking()
         for callback in self.on_update:
