@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from .certs import make_test_pki
+from .certs import CertPaths, make_test_pki
 from .client.session import Measurement, NtsSession
 from .config import parse_config
 from .control.format import (
@@ -55,29 +57,39 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
+@contextlib.asynccontextmanager
+async def loopback_server(pki: CertPaths, keydir: Path) -> AsyncIterator[ServerDaemon]:
+    """An ntspy NTS server on ephemeral loopback ports, in this process and event loop.
+
+    The demo runs one; tests use it too.
+    """
+    config = parse_config(
+        "\n".join([
+            f"bindaddress {HOST}",
+            f"allow {HOST}",
+            "local stratum 2",
+            f"ntsservercert {pki.server_cert}",
+            f"ntsserverkey {pki.server_key}",
+            f"ntsdumpdir {keydir}",
+        ]),
+        "<loopback server>",
+    )
+    sockets = Sockets([open_udp_socket(HOST, 0)], [open_tcp_socket(HOST, 0)])
+    server = ServerDaemon(config, sockets)
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.stop()
+        sockets.close()
+
+
 async def _demo(samples: int, interval: float) -> int:
     with tempfile.TemporaryDirectory(prefix="ntspy-demo-") as tmp:
         work = Path(tmp)
         pki = make_test_pki(work, hostnames=("localhost",), ips=(HOST,))
-        config = parse_config(
-            "\n".join([
-                f"bindaddress {HOST}",
-                f"allow {HOST}",
-                "local stratum 2",
-                f"ntsservercert {pki.server_cert}",
-                f"ntsserverkey {pki.server_key}",
-                f"ntsdumpdir {work / 'keys'}",
-            ]),
-            "<demo>",
-        )
-        sockets = Sockets([open_udp_socket(HOST, 0)], [open_tcp_socket(HOST, 0)])
-        server = ServerDaemon(config, sockets)
-        await server.start()
-        try:
+        async with loopback_server(pki, work / "keys") as server:
             return await _client(server, pki.ca_cert, samples, interval)
-        finally:
-            await server.stop()
-            sockets.close()
 
 
 async def _client(server: ServerDaemon, ca: Path, samples: int, interval: float) -> int:

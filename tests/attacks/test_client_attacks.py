@@ -21,7 +21,7 @@ import pytest
 
 from ntspy.certs import CertPaths, make_test_pki
 from ntspy.client.session import Measurement, NtsSession
-from ntspy.config import parse_config
+from ntspy.demo import loopback_server
 from ntspy.errors import KeConnectionError, KeError, NtsError, NtsNakReceived
 from ntspy.net.tls import TrustConfig
 from ntspy.proto import nts
@@ -39,7 +39,7 @@ from ntspy.proto.ntp import (
     unix_ns_to_ntp,
 )
 from ntspy.proto.nts import EfType
-from ntspy.server.daemon import ServerDaemon, Sockets, open_tcp_socket, open_udp_socket
+from ntspy.server.daemon import ServerDaemon
 from tests.attacks.proxy import KeMode, TcpProxy, UdpProxy
 
 HOST = "127.0.0.1"
@@ -64,25 +64,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
 
 @pytest.fixture
 async def server(pki: CertPaths, tmp_path: Path) -> AsyncIterator[ServerDaemon]:
-    config = parse_config(
-        "\n".join([
-            f"bindaddress {HOST}",
-            f"allow {HOST}",
-            "local stratum 2",
-            f"ntsservercert {pki.server_cert}",
-            f"ntsserverkey {pki.server_key}",
-            f"ntsdumpdir {tmp_path / 'keys'}",
-        ]),
-        "<attacks>",
-    )
-    sockets = Sockets([open_udp_socket(HOST, 0)], [open_tcp_socket(HOST, 0)])
-    daemon = ServerDaemon(config, sockets)
-    await daemon.start()
-    try:
+    async with loopback_server(pki, tmp_path / "keys") as daemon:
         yield daemon
-    finally:
-        await daemon.stop()
-        sockets.close()
 
 
 @dataclass
