@@ -309,3 +309,31 @@ async def test_leap_second_announced_by_the_source_is_armed_in_the_clock(tmp_pat
         t4 += 10**9
     assert daemon.clock_updates >= 1
     assert clock.leap == 1
+
+
+async def test_ntsrefresh_redoes_ke_even_with_cookies_left() -> None:
+    src = Source(source_config("server 127.0.0.1 nts"), FakeClock(), ntsrefresh=3600)
+    assert isinstance(src.session, NtsSession)
+    session = src.session
+    kes: list[float] = []
+
+    async def fake_ke(*args: Any, **kwargs: Any) -> KeResult:
+        kes.append(1)
+        return KeResult(aead_id=15, c2s=bytes(32), s2c=bytes(32), cookies=[b"c" * 104] * 8,
+                        ntp_server="127.0.0.1", ntp_port=123, ke_host="127.0.0.1",
+                        ke_port=4460, ke_address="127.0.0.1", tls_version="TLSv1.3",
+                        cert_subject="CN=x", cert_not_after=None)
+
+    async def fake_measure() -> Measurement:
+        if session.ke is None:
+            await session.key_exchange()
+        session.cookies.pop()
+        return measurement()
+
+    session._key_exchange = fake_ke
+    session.measure = fake_measure  # type: ignore[method-assign]
+    assert await src.poll_once(0.0) is not None
+    assert await src.poll_once(3599.0) is not None
+    assert len(kes) == 1 and src.ke.successes == 1  # cookies left, not due yet
+    assert await src.poll_once(3600.0) is not None
+    assert len(kes) == 2 and src.ke.successes == 2  # due: fresh keys and cookies
