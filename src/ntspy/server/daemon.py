@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -37,7 +38,7 @@ from .ke_server import KeServer
 from .keys import KeyStore
 from .negotiation import KePolicy
 from .ratelimit import RateLimiter
-from .responder import Responder, SyncState
+from .responder import RandomPool, Responder, SyncState
 from .stats import StatsTable, format_serverstats
 
 log = logging.getLogger("ntspy.server")
@@ -145,7 +146,7 @@ class ServerDaemon:
         responder = Responder(
             self.keys.ring,
             self.stats,
-            os.urandom,
+            RandomPool(),
             access=AccessTable(self.config.access),
             ratelimit=_limiter(self.config.ratelimit),
         )
@@ -346,6 +347,10 @@ def _serve_workers(config: Config) -> int:
                 os._exit(code)
         children[pid] = worker
 
+    # Move everything alive now out of the collector's reach: a collection in a
+    # worker would otherwise touch (and so un-share) every page it inherited.
+    gc.collect()
+    gc.freeze()
     for w in range(config.ntsprocesses):
         spawn(w)
     try:

@@ -9,17 +9,23 @@ under the reason it was dropped.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import os
+import struct
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import AuthenticationFailure, MalformedPacket
 from ..proto import nts
-from ..proto.aead import Aead, info
-from ..proto.cookies import COOKIE_NONCE_LEN, KeyRing, cookie_length
+from ..proto.aead import AEADS, Aead, info
+from ..proto.cookies import COOKIE_NONCE_LEN, MASTER_KEY_ALGORITHM, KeyRing, cookie_length
 from ..proto.ntp import (
+    EF_HEADER_LEN,
     HEADER_LEN,
+    KISS_NTS_NAK,
     KISS_RATE,
+    NS_PER_SECOND,
+    NTP_UNIX_OFFSET,
     Leap,
     Mode,
     NtpHeader,
@@ -29,14 +35,100 @@ from ..proto.ntp import (
 )
 from .access import AccessTable
 from .ratelimit import RateLimiter, Verdict
-from .stats import ServerStats
+from .stats import ServerStats, counter_index
 
 # chrony's reference id for its local reference: 127.127.1.1
 LOCAL_REFID = bytes([127, 127, 1, 1])
 AEAD_CACHE_SIZE = 4096
 
+# --- fast path constants ------------------------------------------------------
+# A response header is the request's poll and transmit time between bytes that
+# depend only on the server state: first byte, stratum, poll, the 21 bytes from
+# precision to reference time (_MID), origin, receive, transmit.
+_MID = struct.Struct("!bII4sQ")
+_REPLY = struct.Struct("!BBB21s8sQQ")
+_EF = struct.Struct("!HH")
+_AUTH = _EF  # nonce length, ciphertext length at the start of the authenticator body
+_AUTH_HEAD = struct.Struct("!HHHH")  # authenticator EF type, length; nonce, ciphertext lengths
+_KEY_ID = struct.Struct("!I")
+_COOKIE_PLAIN = struct.Struct("!HH")
+_V4_CLIENT = 4 << 3 | Mode.CLIENT  # version and mode bits of an NTPv4 client request
+# KeyRing cookie layout: key id (4) | nonce (16) | ciphertext (>= 4 + 16 tag).
+_COOKIE_HEAD = 4 + COOKIE_NONCE_LEN
+_COOKIE_MIN = _COOKIE_HEAD + 4 + 16
+_UID, _COOKIE = nts.EfType.UNIQUE_IDENTIFIER, nts.EfType.NTS_COOKIE
+_PLACEHOLDER, _AUTHENTICATOR = nts.EfType.NTS_COOKIE_PLACEHOLDER, nts.EfType.NTS_AUTHENTICATOR
+_MIN_UID_EF = EF_HEADER_LEN + nts.MIN_UNIQUE_ID_LEN
+# Shorter authenticators (20 or 24 bytes would even pass for a legacy MAC) are
+# left to the general parser.
+_MIN_AUTH_EF = 28
+_RECEIVED = counter_index("ntp_received")
+_DENIED = counter_index("ntp_denied")
+_DROPPED = counter_index("ntp_dropped")
+_RATE_KOD = counter_index("ntp_rate_kod")
+_AUTHENTICATED = counter_index("nts_authenticated")
+_NAKS = counter_index("nts_naks")
+_AUTH_FAILURES = counter_index("nts_auth_failures")
+_DAEMON_TX = counter_index("daemon_tx")
 
-@dataclass(slots=True)
+# Offsets of one NTS request in the usual layout: end of the unique id EF,
+# cookie body start and end, placeholder count, authenticator EF start, nonce
+# end, ciphertext start and end.
+_Layout = tuple[int, int, int, int, int, int, int, int]
+
+
+def _pad4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _ef_len(body_len: int) -> int:
+    # what encode_ef makes of a body this long
+    return max(16, _pad4(EF_HEADER_LEN + body_len))
+
+
+def _parse_nts(data: bytes, n: int) -> _Layout | None:
+    """Offsets of an NTPv4 request laid out as header, unique id, cookie,
+    placeholders the size of the cookie, authenticator ending the packet.
+
+    None for any other layout, also a broken one: the general parser decides
+    what that is. Every request this accepts parses the same way there.
+    """
+    unpack = _EF.unpack_from
+    if n < HEADER_LEN + _MIN_UID_EF + 16 + _MIN_AUTH_EF:
+        return None
+    ef_type, length = unpack(data, HEADER_LEN)
+    if ef_type != _UID or length < _MIN_UID_EF or length & 3:
+        return None
+    uid_end = pos = HEADER_LEN + length
+    if pos + 4 > n:
+        return None
+    ef_type, length = unpack(data, pos)
+    if ef_type != _COOKIE or length < 16 or length & 3:
+        return None
+    cookie_len = length
+    pos += length
+    cookie_end = pos
+    placeholders = 0
+    while True:
+        if pos + 4 > n:
+            return None
+        ef_type, length = unpack(data, pos)
+        if ef_type != _PLACEHOLDER or length != cookie_len:
+            break
+        placeholders += 1
+        pos += length
+    if ef_type != _AUTHENTICATOR or pos + length != n or length < _MIN_AUTH_EF or length & 3:
+        return None
+    nonce_len, ct_len = unpack(data, pos + 4)
+    nonce_end = pos + 8 + nonce_len
+    ct_start = pos + 8 + _pad4(nonce_len)
+    if nonce_len == 0 or ct_len == 0 or ct_start + _pad4(ct_len) > n:
+        return None
+    return (uid_end, uid_end + 4, cookie_end, placeholders, pos, nonce_end, ct_start,
+            ct_start + ct_len)
+
+
+@dataclass(slots=True, frozen=True)
 class SyncState:
     """What the server says about its own clock in every response."""
 
@@ -54,25 +146,94 @@ class SyncState:
         return cls(Leap.NONE, stratum, -20, 0.0, 0.0, LOCAL_REFID, reference_ts)
 
 
+class RandomPool:
+    """``os.urandom`` drawn in 4 KiB blocks and handed out in slices.
+
+    Two nonces per NTS response cost two getrandom() calls without it. The
+    block is thrown away in a forked child, so no two processes ever hand
+    out the same bytes.
+    """
+
+    def __init__(self, block: int = 4096, source: Callable[[int], bytes] = os.urandom) -> None:
+        self.block = block
+        self.source = source
+        self._buf = b""
+        self._pos = 0
+        ref = weakref.ref(self)
+
+        def forget() -> None:
+            pool = ref()
+            if pool is not None:
+                pool.reset()
+
+        os.register_at_fork(after_in_child=forget)
+
+    def reset(self) -> None:
+        """Forget the unused bytes."""
+        self._buf, self._pos = b"", 0
+
+    def __call__(self, n: int) -> bytes:
+        pos = self._pos
+        end = pos + n
+        if end > len(self._buf):
+            if n > self.block:
+                return self.source(n)
+            self._buf, pos, end = self.source(self.block), 0, n
+        self._pos = end
+        return self._buf[pos:end]
+
+
 class AeadCache:
-    """Aead objects per session key: a client's keys repeat in all its requests."""
+    """Aead objects per session key: a client's keys repeat in all its requests.
+
+    A plain dict, emptied when it fills up: cheaper on a hit than an LRU, and a
+    client whose entry was dropped costs one key schedule on its next request.
+    """
 
     def __init__(self, size: int = AEAD_CACHE_SIZE) -> None:
         self.size = size
-        self._items: OrderedDict[tuple[int, bytes], Aead] = OrderedDict()
+        self._items: dict[tuple[int, bytes], Aead] = {}
 
     def get(self, aead_id: int, key: bytes) -> Aead:
         k = (aead_id, key)
         aead = self._items.get(k)
         if aead is None:
+            if len(self._items) >= self.size:
+                self._items.clear()
             aead = Aead(aead_id, key)
             self._items[k] = aead
-            if len(self._items) > self.size:
-                self._items.popitem(last=False)
         return aead
 
 
+@dataclass(slots=True)
+class _Session:
+    """What the fast path needs per cookie plaintext (AEAD id | 0 | C2S | S2C)."""
+
+    c2s: Aead
+    s2c: Aead
+    nonce_len: int
+    cookie_len: int  # of the cookies we issue for this AEAD
+    sealable: bytes  # the plaintext of a new cookie carrying the same keys
+    cookie_head: bytes  # cookie EF header and our current key id
+    cookie_pad: bytes  # zeros ending the cookie EF
+    nonce_pad: bytes  # zeros after the nonce in the authenticator
+    auth_extra: bytes  # zeros that make nonce + padding at least 16 bytes
+    auth_fixed: int  # authenticator EF length without the ciphertext
+
+
+def _ntp_ts(unix_ns: int) -> int:
+    # unix_ns_to_ntp, inlined where it runs twice per packet.
+    seconds, nanos = divmod(unix_ns, NS_PER_SECOND)
+    return (((seconds + NTP_UNIX_OFFSET) & 0xFFFFFFFF) << 32) | ((nanos << 32) // NS_PER_SECOND)
+
+
 class Responder:
+    """Answers NTP and NTS requests (see the module docstring).
+
+    ``fastpath=False`` runs every packet through the general parser; the fast
+    path exists only for speed and answers byte for byte the same (tested).
+    """
+
     def __init__(
         self,
         keyring: KeyRing,
@@ -81,16 +242,229 @@ class Responder:
         *,
         access: AccessTable | None = None,
         ratelimit: RateLimiter | None = None,
+        fastpath: bool = True,
     ) -> None:
         self.keyring = keyring
         self.stats = stats
         self.random_bytes = random_bytes
         self.access = access
         self.ratelimit = ratelimit
+        self.fastpath = fastpath
         self.state = SyncState()
         self._aeads = AeadCache()
+        self._sessions: dict[bytes, _Session] = {}
+        self._counts: dict[tuple[int, int, int, int, int], int] = {}
+        self._ring_current: object = None
+        self._masters: dict[int, Aead] = {}
+        self._seal_key_id = 0
+        self._seal_prefix = b""
+
+    # The per-server header bytes only change when the state is replaced, so
+    # they are packed here, not per packet. SyncState is frozen: replace it.
+    @property
+    def state(self) -> SyncState:
+        """The server's clock as every response describes it; assign a new one to change it."""
+        return self._state
+
+    @state.setter
+    def state(self, state: SyncState) -> None:
+        self._state = state
+        rd, rdisp = seconds_to_short(state.root_delay), seconds_to_short(state.root_dispersion)
+        self._first = state.leap << 6 | Mode.SERVER
+        self._stratum = state.stratum
+        self._mid = _MID.pack(state.precision, rd, rdisp, state.reference_id, state.reference_ts)
+        self._mid_rate = _MID.pack(state.precision, rd, rdisp, KISS_RATE, state.reference_ts)
+        self._mid_nak = _MID.pack(state.precision, rd, rdisp, KISS_NTS_NAK, state.reference_ts)
+
+    @property
+    def stats(self) -> ServerStats:
+        """The counter row this responder adds to."""
+        return self._stats
+
+    @stats.setter
+    def stats(self, stats: ServerStats) -> None:
+        self._stats = stats
+        self._view = stats.view
+        self._base = stats.base
 
     def handle(
+        self, data: bytes, address: str, rx_ns: int, tx_clock: Callable[[], int]
+    ) -> bytes | None:
+        """The answer to one datagram from ``address``, or None (counted) for no answer.
+
+        ``rx_ns`` is the receive time (Unix ns); ``tx_clock()`` is read once,
+        just before the response is sealed, for its transmit timestamp.
+        """
+        n = len(data)
+        # The usual requests: NTPv4 client mode, either a bare header or the NTS
+        # layout a client sends (unique id, cookie, placeholders, authenticator).
+        # Anything else goes to the general path before any side effect.
+        if not self.fastpath or n < HEADER_LEN or data[0] & 0x3F != _V4_CLIENT:
+            return self._handle_general(data, address, rx_ns, tx_clock)
+        parsed = None
+        if n > HEADER_LEN:
+            parsed = _parse_nts(data, n)
+            if parsed is None:
+                return self._handle_general(data, address, rx_ns, tx_clock)
+        view, base = self._view, self._base
+        if self.access is not None and not self.access.allowed(address):
+            view[base + _DENIED] += 1
+            return None
+        rate = False
+        if self.ratelimit is not None:
+            verdict = self.ratelimit.check(address, rx_ns)
+            if verdict is Verdict.DROP:
+                view[base + _DROPPED] += 1
+                return None
+            if verdict is Verdict.LEAK:
+                rate = True
+                view[base + _RATE_KOD] += 1
+        view[base + _RECEIVED] += 1
+        # first byte: leap, version 4 (request's), mode 4; poll echoed as is.
+        first = self._first | 0x20
+        if rate:
+            stratum, mid = 0, self._mid_rate
+        else:
+            stratum, mid = self._stratum, self._mid
+        if parsed is None:
+            view[base + _DAEMON_TX] += 1
+            return _REPLY.pack(
+                first, stratum, data[2], mid, data[40:48], _ntp_ts(rx_ns), _ntp_ts(tx_clock())
+            )
+        return self._nts_fast(data, parsed, first, stratum, mid, rx_ns, tx_clock)
+
+    def _masters_now(self) -> dict[int, Aead]:
+        """The ring's master keys as AEADs, rebuilt whenever the ring changes
+        (every change -- rotation, reload -- installs a new current key)."""
+        ring = self.keyring
+        current = ring.current
+        if current is not self._ring_current:
+            self._masters = {k.key_id: Aead(MASTER_KEY_ALGORITHM, k.key) for k in ring.keys}
+            self._seal_key_id = current.key_id
+            self._seal_prefix = _KEY_ID.pack(current.key_id)
+            self._sessions.clear()
+            self._ring_current = current
+        return self._masters
+
+    def _session(self, cookie: bytes) -> _Session | None:
+        """The keys in a cookie, or None when it does not verify (KeyRing.open's checks)."""
+        if len(cookie) < _COOKIE_MIN:
+            return None
+        try:
+            masters = self._masters_now()
+        except LookupError:
+            return None
+        master = masters.get(_KEY_ID.unpack_from(cookie, 0)[0])
+        if master is None:
+            return None
+        try:
+            plain = master.open(cookie[4:_COOKIE_HEAD], cookie[_COOKIE_HEAD:], cookie[:4])
+        except AuthenticationFailure:
+            return None
+        session = self._sessions.get(plain)
+        if session is None:
+            aead_id = _COOKIE_PLAIN.unpack_from(plain, 0)[0] if len(plain) >= 4 else -1
+            meta = AEADS.get(aead_id)
+            if meta is None or len(plain) != 4 + 2 * meta.key_length:
+                return None
+            key_len = meta.key_length
+            nonce_len = meta.nonce_length
+            new_len = cookie_length(aead_id)
+            padded = _pad4(nonce_len)
+            extra = max(0, nts.MIN_PADDED_NONCE_LEN - padded)
+            if len(self._sessions) >= AEAD_CACHE_SIZE:
+                self._sessions.clear()
+            session = _Session(
+                self._aeads.get(aead_id, plain[4:4 + key_len]),
+                self._aeads.get(aead_id, plain[4 + key_len:]),
+                nonce_len,
+                new_len,
+                _COOKIE_PLAIN.pack(aead_id, 0) + plain[4:],
+                _EF.pack(_COOKIE, _ef_len(new_len)) + self._seal_prefix,
+                bytes(_ef_len(new_len) - EF_HEADER_LEN - new_len),
+                bytes(padded - nonce_len),
+                bytes(extra),
+                EF_HEADER_LEN + 4 + padded + extra,
+            )
+            self._sessions[plain] = session
+        return session
+
+    def _nts_fast(
+        self,
+        data: bytes,
+        parsed: _Layout,
+        first: int,
+        stratum: int,
+        mid: bytes,
+        rx_ns: int,
+        tx_clock: Callable[[], int],
+    ) -> bytes:
+        uid_end, cookie_start, cookie_end, placeholders, auth_at, nonce_end, ct_start, ct_end = (
+            parsed
+        )
+        view, base = self._view, self._base
+        session = self._session(data[cookie_start:cookie_end])
+        ok = False
+        if session is not None:
+            try:
+                session.c2s.open(
+                    data[auth_at + 8:nonce_end], data[ct_start:ct_end], data[:auth_at]
+                )
+                ok = True
+            except AuthenticationFailure:
+                pass
+        origin = data[40:48]
+        rx = _ntp_ts(rx_ns)
+        if not ok or session is None:
+            # RFC 8915 s5.7: a cookie we cannot use, or a request that does not
+            # authenticate, gets a NAK so the client knows to redo NTS-KE.
+            view[base + _AUTH_FAILURES] += 1
+            view[base + _NAKS] += 1
+            return (
+                _REPLY.pack(first, 0, data[2], self._mid_nak, origin, rx, _ntp_ts(tx_clock()))
+                + data[HEADER_LEN:uid_end]
+            )
+        n = len(data)
+        uid_len = uid_end - HEADER_LEN - EF_HEADER_LEN
+        nonce_len = session.nonce_len
+        cookie_len = session.cookie_len
+        key = (placeholders, uid_len, cookie_len, nonce_len, n)
+        count = self._counts.get(key)
+        if count is None:
+            count = min(1 + placeholders, nts.MAX_COOKIES_PER_RESPONSE)
+            while count > 0 and nts.response_length(uid_len, count, cookie_len, nonce_len) > n:
+                count -= 1
+            if len(self._counts) >= AEAD_CACHE_SIZE:
+                self._counts.clear()
+            self._counts[key] = count
+        rand = self.random_bytes
+        seal_cookie = self._masters[self._seal_key_id].seal
+        prefix = self._seal_prefix
+        sealable = session.sealable
+        cookie_head, cookie_pad = session.cookie_head, session.cookie_pad
+        parts: list[bytes] = []
+        for _ in range(count):
+            cnonce = rand(COOKIE_NONCE_LEN)
+            parts.append(cookie_head + cnonce + seal_cookie(cnonce, sealable, prefix) + cookie_pad)
+        nonce = rand(nonce_len)
+        view[base + _AUTHENTICATED] += 1
+        view[base + _DAEMON_TX] += 1
+        packet = (
+            _REPLY.pack(first, stratum, data[2], mid, origin, rx, _ntp_ts(tx_clock()))
+            + data[HEADER_LEN:uid_end]
+        )
+        ct = session.s2c.seal(nonce, b"".join(parts), packet)
+        ct_len = len(ct)
+        ct_pad = -ct_len & 3
+        # nts.encode_authenticator, with the per-AEAD parts worked out once per session
+        return (
+            packet
+            + _AUTH_HEAD.pack(_AUTHENTICATOR, session.auth_fixed + ct_len + ct_pad, nonce_len,
+                              ct_len)
+            + nonce + session.nonce_pad + ct + bytes(ct_pad) + session.auth_extra
+        )
+
+    def _handle_general(
         self, data: bytes, address: str, rx_ns: int, tx_clock: Callable[[], int]
     ) -> bytes | None:
         stats = self.stats
