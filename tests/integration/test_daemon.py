@@ -9,6 +9,7 @@ picked at run time. Sources poll every 0.25-0.5 s so a full reach register
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from ntspy.proto.ntp import Mode, NtpHeader
 from tests.conftest import ServerFactory
 from tests.daemon_helpers import ChronydServer, ClientProc, TcpProxy, server_line, wait_until
-from tests.peers import LOOPBACK, ServerProc, start_ntspy_server
+from tests.peers import LOOPBACK, ServerProc, free_port, start_ntspy_server
 
 SYNC_TIMEOUT = 15.0
 
@@ -323,3 +325,30 @@ def test_ke_server_down_then_ntp_server_down(
     # the 16 s back-off.
     wait_until(lambda: client.states()[1][1] in ("+", "-", "*"), 30.0,
                "the restarted source back in selection")
+
+
+def test_daemon_serves_its_own_sync_state(
+    servers: Servers, clients: list[ClientProc], tmp_path: Path
+) -> None:
+    """`ntspy run` with `allow` also answers NTP: one stratum below its reference,
+    with the reference's address as reference id, once it is synchronised."""
+    ntp_port = free_port("udp")
+    lines = servers.lines()
+    trusted = [line for line in lines if line.startswith("ntstrustedcerts")]
+    client = new_client(clients, tmp_path / "relay", [lines[0], *trusted],
+                        [f"port {ntp_port}", f"bindaddress {LOOPBACK}", f"allow {LOOPBACK}"])
+    client.start()
+    wait_until(lambda: all_reached(client, 1), SYNC_TIMEOUT, "the upstream at reach 377")
+    upstream = json.loads(client.ctl("--json", "sources"))[0]
+
+    def answer() -> NtpHeader | None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(1.0)
+            sock.sendto(NtpHeader(mode=Mode.CLIENT, transmit_ts=7).pack(), (LOOPBACK, ntp_port))
+            header = NtpHeader.unpack(sock.recv(512))
+        return header if header.stratum == upstream["stratum"] + 1 else None
+
+    header = wait_until(answer, 10.0, "a synchronised answer from the relay")
+    assert header.mode == Mode.SERVER and header.origin_ts == 7
+    assert header.leap == 0
+    assert header.reference_id == bytes([127, 0, 0, 1])
