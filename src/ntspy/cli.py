@@ -1,286 +1,99 @@
-"""The ``ntspy`` command: query servers, inspect NTS-KE, run a server or the demo.
+"""The ``ntspy`` command: a dispatcher to the subcommands' own modules.
 
-Every failure the user can cause or meet (unreachable host, bad certificate,
-tampered packets) ends as one line ``ntspy: HOST: message`` on stderr and a
-non-zero exit code, never a traceback.
+Each subcommand's code is imported only when the command line names it, so
+``ntspy serve`` and its forked workers do not carry the client in memory and
+``ntspy query`` does not load the server (docs/performance.md, RSS).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
-import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from . import __version__
-from .api import SAMPLE_INTERVAL, best, make_session
-from .client.ke import KeResult, key_exchange
-from .client.session import Measurement, NtsSession
-from .errors import NtsError
-from .net.tls import TrustConfig
-from .proto.ke import DEFAULT_KE_PORT, NextProtocol
-from .proto.ntp import Leap
 
 PROG = "ntspy"
-_LEAP_NAMES = {
-    Leap.NONE: "none",
-    Leap.INSERT_SECOND: "insert second",
-    Leap.DELETE_SECOND: "delete second",
-    Leap.UNSYNCHRONIZED: "unsynchronised",
-}
 
 
-def _fail(host: str, message: object) -> None:
-    print(f"{PROG}: {host}: {message}", file=sys.stderr)
+def _add_external(
+    sub: Any, name: str, module: str, prefix: str, help_text: str, load: bool
+) -> None:
+    """Register a subcommand whose options and code live in ``module``
+    (``add_arguments``/``run``, or ``add_PREFIX_arguments``/``run_PREFIX``).
 
-
-def _trust(args: argparse.Namespace) -> TrustConfig:
-    return TrustConfig(
-        use_system_store=True,
-        extra=[Path(p) for p in args.ca],
-        no_cert_time_check=args.nocerttimecheck,
-    )
-
-
-# ---------------------------------------------------------------------------
-# ntspy query
-
-
-@dataclass(slots=True)
-class _HostResult:
-    host: str
-    nts: bool
-    ke: KeResult | None = None
-    samples: list[Measurement] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    rejected: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.samples) and all(m.authenticated or not self.nts for m in self.samples)
-
-
-async def _query_host(args: argparse.Namespace, host: str) -> _HostResult:
-    result = _HostResult(host, nts=not args.no_nts)
-    session = make_session(
-        host,
-        not args.no_nts,
-        port=args.port,
-        ke_port=args.ke_port,
-        ca=args.ca,
-        timeout=args.timeout,
-        no_cert_time_check=args.nocerttimecheck,
-    )
-    try:
-        if isinstance(session, NtsSession):
-            try:
-                result.ke = await session.key_exchange()
-            except NtsError as exc:
-                result.errors.append(str(exc))
-                return result
-        for i in range(args.samples):
-            if i:
-                await asyncio.sleep(SAMPLE_INTERVAL)
-            try:
-                result.samples.append(await session.measure())
-            except NtsError as exc:
-                result.errors.append(f"sample {i + 1}: {exc}")
-    finally:
-        session.close()
-        result.rejected = {
-            k.removeprefix("rejected: "): v
-            for k, v in session.stats.items()
-            if k.startswith("rejected: ")
-        }
-    return result
-
-
-def _fmt_s(seconds: float) -> str:
-    return f"{seconds:+.6f} s"
-
-
-def _print_host(result: _HostResult, out: TextIO) -> None:
-    ke = result.ke
-    if ke is not None:
-        print(
-            f"{result.host}: NTS-KE {ke.ke_host} port {ke.ke_port}, {ke.tls_version}, "
-            f"{ke.aead_name} ({ke.aead_id}), {len(ke.cookies)} cookies; "
-            f"NTP {ke.ntp_server} port {ke.ntp_port}",
-            file=out,
-        )
-    elif result.samples:
-        m = result.samples[0]
-        print(f"{result.host}: plain NTP (no authentication) {m.address} port {m.port}", file=out)
-    for i, m in enumerate(result.samples, 1):
-        cookies = f"  cookies {m.cookies}" if m.authenticated else ""
-        print(
-            f"  #{i} offset {_fmt_s(m.offset)}  delay {m.delay:.6f} s  stratum {m.stratum}  "
-            f"refid {m.reference_id or '-'}  leap {_LEAP_NAMES.get(Leap(m.leap), m.leap)}",
-            file=out,
-        )
-        print(
-            f"     root delay {m.root_delay:.6f} s  root dispersion {m.root_dispersion:.6f} s  "
-            f"authenticated {'yes' if m.authenticated else 'no'}  "
-            f"kernel timestamp {'yes' if m.kernel_rx_timestamp else 'no'}{cookies}",
-            file=out,
-        )
-    if result.samples:
-        # chronyd -Q says how wrong the local clock is: the RFC 5905 offset,
-        # positive when the server is ahead (the local clock is slow).
-        print(f"System clock wrong by {best(result.samples).offset:.6f} seconds", file=out)
-
-
-def _host_json(result: _HostResult) -> dict[str, Any]:
-    ke = result.ke
-    return {
-        "host": result.host,
-        "ok": result.ok,
-        "nts": result.nts,
-        "ke": _ke_json(ke) if ke is not None else None,
-        "samples": [m.as_dict() for m in result.samples],
-        "offset": best(result.samples).offset if result.samples else None,
-        "errors": result.errors,
-        "rejected": result.rejected,
-    }
-
-
-def _cmd_query(args: argparse.Namespace) -> int:
-    if args.samples < 1:
-        print(f"{PROG}: --samples must be at least 1", file=sys.stderr)
-        return 2
-
-    async def run_all() -> list[_HostResult]:
-        return list(await asyncio.gather(*(_query_host(args, h) for h in args.hosts)))
-
-    results = asyncio.run(run_all())
-    for result in results:
-        if not args.json:
-            _print_host(result, sys.stdout)
-        for error in result.errors:
-            _fail(result.host, error)
-    if args.json:
-        json.dump(
-            {"ok": all(r.ok for r in results), "hosts": [_host_json(r) for r in results]},
-            sys.stdout,
-            indent=2,
-        )
-        print()
-    return 0 if all(r.ok for r in results) else 1
-
-
-# ---------------------------------------------------------------------------
-# ntspy ke
-
-
-def _ke_json(ke: KeResult) -> dict[str, Any]:
-    return {
-        "ke_host": ke.ke_host,
-        "ke_port": ke.ke_port,
-        "tls_version": ke.tls_version,
-        "cert_subject": ke.cert_subject,
-        "cert_not_after": ke.cert_not_after.isoformat() if ke.cert_not_after else None,
-        "next_protocol": ke.next_protocol,
-        "aead_id": ke.aead_id,
-        "aead_name": ke.aead_name,
-        "ntp_server": ke.ntp_server,
-        "ntp_port": ke.ntp_port,
-        "cookies": len(ke.cookies),
-        "cookie_lengths": sorted({len(c) for c in ke.cookies}),
-        "compliant_128gcm": ke.compliant_128gcm,
-    }
-
-
-def _cmd_ke(args: argparse.Namespace) -> int:
-    try:
-        ke = asyncio.run(
-            key_exchange(args.host, args.ke_port, trust=_trust(args), timeout=args.timeout)
-        )
-    except NtsError as exc:
-        _fail(args.host, exc)
-        return 1
-    if args.json:
-        json.dump(_ke_json(ke), sys.stdout, indent=2)
-        print()
-        return 0
-    lengths = ", ".join(str(n) for n in sorted({len(c) for c in ke.cookies}))
-    expires = ke.cert_not_after.strftime("%Y-%m-%d %H:%M:%S UTC") if ke.cert_not_after else "?"
-    protocol = "NTPv4" if ke.next_protocol == NextProtocol.NTPV4 else str(ke.next_protocol)
-    print(f"NTS-KE server {ke.ke_host} port {ke.ke_port}")
-    print(f"  TLS version:    {ke.tls_version}")
-    print(f"  certificate:    {ke.cert_subject or '?'}")
-    print(f"  expires:        {expires}")
-    print(f"  next protocol:  {protocol} ({ke.next_protocol})")
-    print(f"  AEAD:           {ke.aead_id} ({ke.aead_name})")
-    print(f"  NTP server:     {ke.ntp_server} port {ke.ntp_port}")
-    print(f"  cookies:        {len(ke.cookies)} of {lengths} bytes")
-    return 0
-
-
-# ---------------------------------------------------------------------------
-# parser
-
-
-def _add_trust_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ca", action="append", default=[], metavar="FILE",
-                   help="trust this CA certificate (PEM) besides the system store; repeatable")
-    p.add_argument("--nocerttimecheck", action="store_true",
-                   help="accept certificates outside their validity period (clock not set yet)")
-    p.add_argument("--ke-port", type=int, default=DEFAULT_KE_PORT, metavar="N",
-                   help=f"NTS-KE port (default {DEFAULT_KE_PORT})")
-    p.add_argument("--timeout", type=float, default=5.0, metavar="S",
-                   help="seconds to wait for each exchange (default 5)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _add_external(sub: Any, name: str, module: str, help_text: str) -> None:
-    """Register a subcommand whose options and code live in ``module``.
-
-    Imported here rather than at the top so that ``ntspy query`` does not load
-    the server.
+    ``module`` is imported only when ``load`` is set (the command line names
+    this subcommand), so that ``ntspy query`` does not load the server and
+    ``ntspy serve`` does not load the client daemon, the demo or ``ctl``.
     """
     p = sub.add_parser(name, help=help_text)
-    mod = importlib.import_module(module)
-    mod.add_arguments(p)
-    p.set_defaults(func=mod.run)
+    if load:
+        mod = importlib.import_module(module)
+        suffix = f"_{prefix}" if prefix else ""
+        getattr(mod, f"add{suffix}_arguments")(p)
+        p.set_defaults(func=getattr(mod, f"run{suffix}"))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option (the
+    options before the subcommand, --help and --version, take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``ntspy`` parser; given ``argv``, only the subcommand it names has its
+    options loaded (enough to parse that ``argv``), otherwise all of them."""
+    command = _command(argv) if argv is not None else None
     parser = argparse.ArgumentParser(
         prog=PROG, description="Network Time Security (RFC 8915) client and server"
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    q = sub.add_parser("query", help="measure the clock offset to servers (NTS by default)")
-    q.add_argument("hosts", nargs="+", metavar="HOST")
-    q.add_argument("--no-nts", action="store_true", help="plain, unauthenticated NTP")
-    q.add_argument("--port", type=int, default=None, metavar="N",
-                   help="NTP port (default 123, or what the NTS-KE server says)")
-    q.add_argument("--samples", type=int, default=1, metavar="N", help="exchanges per host")
-    _add_trust_options(q)
-    q.set_defaults(func=_cmd_query)
-
-    k = sub.add_parser("ke", help="run NTS-KE only and show what was negotiated")
-    k.add_argument("host", metavar="HOST")
-    _add_trust_options(k)
-    k.set_defaults(func=_cmd_ke)
-
-    _add_external(sub, "run", "ntspy.client.run",
-                  "run the client daemon: sync the clock from NTS sources (and serve time)")
-    _add_external(sub, "serve", "ntspy.server.daemon", "run an NTS/NTP server")
-    _add_external(sub, "demo", "ntspy.demo", "run a local NTS server and query it")
-    _add_external(sub, "ctl", "ntspy.control.cli", "ask a running ntspy daemon for its status")
+    externals = (
+        ("query", "ntspy.client.commands", "query",
+         "measure the clock offset to servers (NTS by default)"),
+        ("ke", "ntspy.client.commands", "ke", "run NTS-KE only and show what was negotiated"),
+        ("run", "ntspy.client.run", "",
+         "run the client daemon: sync the clock from NTS sources (and serve time)"),
+        ("serve", "ntspy.server.daemon", "", "run an NTS/NTP server"),
+        ("demo", "ntspy.demo", "", "run a local NTS server and query it"),
+        ("ctl", "ntspy.control.cli", "", "ask a running ntspy daemon for its status"),
+    )
+    for name, module, prefix, help_text in externals:
+        _add_external(sub, name, module, prefix, help_text, argv is None or command == name)
     return parser
+
+
+# Commands whose process never needs the system OpenSSL bindings: their TLS
+# and AEAD come from pyOpenSSL and cryptography (which bundle their own).
+_LEAN_COMMANDS = frozenset({"serve"})
+# Loaded only as optional back ends by modules a server imports: asyncio
+# imports ``ssl`` for its ``ssl=`` arguments, hashlib/hmac use ``_hashlib``
+# when present and their built-in implementations otherwise.  Each maps the
+# system libssl/libcrypto: together about 5 MiB of RSS per server process.
+_OPTIONAL_BACKENDS = ("ssl", "_hashlib")
+
+
+def _keep_optional_backends_out() -> None:
+    """Make ``import ssl`` / ``import _hashlib`` fail cleanly (``None`` in
+    ``sys.modules``) so their importers fall back as they are written to.
+
+    Only for a real ``ntspy serve`` process (never when main() is called from
+    other code), and only for modules nothing has loaded yet.
+    """
+    for name in _OPTIONAL_BACKENDS:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    if argv is None and _command(words) in _LEAN_COMMANDS and "asyncio" not in sys.modules:
+        _keep_optional_backends_out()
+    args = build_parser(words).parse_args(words)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -20,8 +20,6 @@ and :func:`load_sources_dir`; everything else is pure parsing.
 
 from __future__ import annotations
 
-import difflib
-import glob
 import ipaddress
 import math
 import os
@@ -707,6 +705,8 @@ class _Parser:
     def d_include(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 1)
         pattern = str(_relative(where, args[0]))
+        import glob  # only include/confdir need it: kept out of every server's import time
+
         matches = sorted(glob.glob(pattern))
         if not matches:  # chrony: at least one file is required to exist
             raise where.error(f"no file matches {_show(args[0])}")
@@ -718,6 +718,8 @@ class _Parser:
         # Like chrony: *.conf files in name order; when several directories hold
         # the same name only the first directory's file counts, so a fragment
         # can be overridden from another directory.  Missing directories are fine.
+        import glob
+
         chosen: dict[str, Path] = {}
         for directory in args:
             base = glob.escape(str(_relative(where, directory)))
@@ -745,6 +747,8 @@ _HANDLERS: dict[str, Handler] = {
 
 
 def _unknown(word: str) -> str:
+    import difflib  # only for the hint on a typo, not on every start
+
     known = [*_HANDLERS, *IGNORED_DIRECTIVES, *UNSUPPORTED_DIRECTIVES]
     close = difflib.get_close_matches(word.lower(), known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""

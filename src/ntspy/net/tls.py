@@ -1,9 +1,11 @@
-"""TLS 1.3 for NTS-KE (RFC 8915 s4) over pyOpenSSL memory BIOs, driven by asyncio streams.
+"""TLS 1.3 for NTS-KE (RFC 8915 s4) over pyOpenSSL memory BIOs.
 
 The stdlib ``ssl`` module has no TLS keying-material exporter, which NTS needs to
 derive its AEAD keys (RFC 8915 s5.1), so this adapter runs pyOpenSSL with memory
-BIOs: OpenSSL never touches a socket, we shuttle bytes between its BIOs and an
-asyncio ``(StreamReader, StreamWriter)`` pair.
+BIOs: OpenSSL never touches a socket.  :class:`TlsStream` shuttles bytes between
+its BIOs and an asyncio ``(StreamReader, StreamWriter)`` pair (the client, and
+any server code that wants streams); :class:`ServerTls` is the server half with
+no I/O at all, for the NTS-KE server's ``asyncio.Protocol``.
 
 NTS-KE rules enforced here: TLS 1.3 only (min = max = 1.3) and ALPN ``ntske/1``
 on both sides.  The client verifies the server's chain with OpenSSL, then the
@@ -32,6 +34,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _ssl_lib
 
 from ntspy.errors import CertificateError, KeConnectionError, NtsError, TlsError
 
@@ -40,6 +43,9 @@ TLS13_NAME: Final = "TLSv1.3"  # what OpenSSL's SSL_get_version() calls TLS 1.3
 
 # Big enough to take a whole TLS record (16 KiB + overhead) in one read.
 _READ_CHUNK: Final = 65536
+# ServerTls reads OpenSSL's output in steps of one TLS record: large buffers
+# cost a big malloc per call in pyOpenSSL and NTS-KE messages are small.
+_RECORD_CHUNK: Final = 16384
 _CLOSE_WAIT: Final = 1.0  # seconds we wait for the transport to close in close()
 
 _IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -384,6 +390,35 @@ def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
     raise TlsError(f"client offered ALPN {names}, not {NTSKE_ALPN.decode()}")
 
 
+# Key exchange groups the server prefers, cheapest first (docs/performance.md):
+# X25519 costs the server ~0.04 ms less per handshake than the X25519MLKEM768
+# hybrid OpenSSL >= 3.5 would pick by default, and its ServerHello is 1 KiB
+# shorter.  The hybrid stays available to clients that offer nothing else.
+# NTS-KE keys only authenticate time packets for a few days, so recording a
+# session today to break it with a quantum computer later gains nothing.
+# OpenSSL >= 3.5 syntax: "/" separates tuples in the server's order of
+# preference; within a tuple a group the client sent a key share for wins (no
+# HelloRetryRequest), then the client's order, so the hybrid goes in a tuple of
+# its own.  Older builds refuse the string and get the first tuple.
+SERVER_GROUPS: Final = "X25519:secp256r1:secp384r1/X25519MLKEM768"
+
+
+def _tune_server_context(ctx: SSL.Context) -> None:
+    """Settings that make a server handshake cheaper without weakening it."""
+    # No TLS 1.3 session tickets: NTS-KE clients do not resume (each KE wants
+    # fresh keys and cookies), so the two NewSessionTickets OpenSSL would send
+    # cost CPU, a network write and ~350 bytes for nothing.  OP_NO_TICKET alone
+    # would switch to stateful tickets; without a session cache none are sent.
+    ctx.set_options(SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    # pyOpenSSL has no set_groups(); SSL_CTX_set1_curves_list is the same call.
+    # Older OpenSSL builds may lack a group: then keep the ones they know.
+    raw = ctx._context  # the only way to reach this setting
+    for groups in (SERVER_GROUPS, SERVER_GROUPS.partition("/")[0]):
+        if _ssl_lib.SSL_CTX_set1_curves_list(raw, groups.encode("ascii")) == 1:
+            return
+
+
 @dataclass(slots=True)
 class _ServerPair:
     cert_chain: Path
@@ -420,6 +455,7 @@ def _load_server_pair(cert_chain: Path, key_path: Path, now: datetime | None) ->
     ctx = _new_tls13_context()
     ctx.set_verify(SSL.VERIFY_NONE)  # NTS-KE does not use client certificates
     ctx.set_alpn_select_callback(_select_alpn)
+    _tune_server_context(ctx)
     try:
         ctx.use_certificate(leaf)
         for extra in chain[1:]:
@@ -863,6 +899,126 @@ class TlsStream:
             self._writer.close()
             async with asyncio.timeout(_CLOSE_WAIT):
                 await self._writer.wait_closed()
+
+
+class ServerTls:
+    """The server half of one NTS-KE TLS session over memory BIOs, with no I/O.
+
+    For an :class:`asyncio.Protocol` (``server/ke_server.py``): hand it every
+    byte that arrives (:meth:`handshake` until it returns True, then
+    :meth:`receive`), and write :meth:`output` to the network after each step.
+    It enforces what :meth:`TlsStream.accept` enforces (TLS 1.3, ALPN
+    ``ntske/1``, SNI certificate selection through :class:`ServerContexts`)
+    with the same error messages, without a StreamReader/StreamWriter pair or
+    a task per connection.  ``who`` names the client in error messages.
+    """
+
+    __slots__ = ("_conn", "who")
+
+    def __init__(self, ctx_or_contexts: SSL.Context | ServerContexts, who: str) -> None:
+        ctx = (
+            ctx_or_contexts.context()
+            if isinstance(ctx_or_contexts, ServerContexts)
+            else ctx_or_contexts
+        )
+        self._conn = SSL.Connection(ctx, None)
+        self._conn.set_accept_state()
+        self.who = who
+
+    def handshake(self, data: bytes) -> bool:
+        """Feed received bytes and advance the handshake; True once it is complete.
+
+        Raises :class:`TlsError` for a failed handshake (wrong version, no
+        ``ntske/1`` ALPN, anything else OpenSSL refuses); any alert OpenSSL
+        produced is waiting in :meth:`output` then.
+        """
+        conn = self._conn
+        if data:
+            conn.bio_write(data)
+        try:
+            conn.do_handshake()
+        except SSL.WantReadError:
+            return False
+        except TlsError as e:  # from the ALPN callback
+            raise TlsError(f"{self.who}: {e}") from None
+        except SSL.Error as e:
+            raise _handshake_error(_ssl_reason(e), self.who, self.who) from None
+        # A client that offers no ALPN at all never reaches the ALPN callback.
+        if conn.get_alpn_proto_negotiated() != NTSKE_ALPN:
+            raise TlsError(f"{self.who} did not offer ALPN {NTSKE_ALPN.decode()}")
+        if conn.get_protocol_version_name() != TLS13_NAME:
+            raise TlsError(f"{self.who} does not speak TLS 1.3, which NTS-KE requires")
+        return True
+
+    def receive(self, data: bytes = b"") -> tuple[bytes, bool]:
+        """Feed received bytes; return the application data now readable and
+        whether the client ended the stream (close_notify).
+
+        Raises :class:`TlsError` for a TLS-level error (a bad record, say).
+        """
+        conn = self._conn
+        if data:
+            conn.bio_write(data)
+        chunks: list[bytes] = []
+        ended = False
+        while True:
+            try:
+                chunk = conn.recv(_RECORD_CHUNK)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                ended = True
+                break
+            except SSL.Error as e:
+                raise TlsError(f"TLS error receiving from {self.who}: {_ssl_reason(e)}") from None
+            if not chunk:
+                ended = True
+                break
+            chunks.append(chunk)
+        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), ended
+
+    def send(self, data: bytes) -> None:
+        """Encrypt ``data``; the records wait in :meth:`output`."""
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self._conn.send(view) :]
+        except SSL.Error as e:
+            raise TlsError(f"TLS error sending to {self.who}: {_ssl_reason(e)}") from None
+
+    def close_notify(self) -> None:
+        """Queue a close_notify alert (harmless no-op mid-handshake). Never raises."""
+        with contextlib.suppress(Exception):
+            self._conn.shutdown()
+
+    def output(self) -> bytes:
+        """Every byte OpenSSL has produced for the network since the last call."""
+        conn = self._conn
+        chunks: list[bytes] = []
+        while True:
+            try:
+                chunk = conn.bio_read(_RECORD_CHUNK)
+            except SSL.WantReadError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        if len(chunks) == 1:
+            return chunks[0]
+        return b"".join(chunks)
+
+    def export_keying_material(self, label: bytes, length: int, context: bytes) -> bytes:
+        """RFC 8446 s7.5 exporter (RFC 5705 interface), as RFC 8915 s5.1 uses it."""
+        try:
+            return self._conn.export_keying_material(label, length, context)
+        except SSL.Error as e:
+            raise TlsError(f"TLS exporter failed: {_ssl_reason(e)}") from None
+
+    @property
+    def server_name(self) -> str | None:
+        """The SNI the client sent, if any."""
+        raw = self._conn.get_servername()
+        return raw.decode("ascii", "replace") if raw is not None else None
 
 
 def _describe_client(writer: asyncio.StreamWriter) -> str:

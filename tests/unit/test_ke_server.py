@@ -1,0 +1,274 @@
+"""The NTS-KE server protocol over loopback: every way a connection can end is
+answered as RFC 8915 wants and lands in exactly one counter."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ntspy.certs import CertPaths, make_test_pki
+from ntspy.net.tls import ServerContexts
+from ntspy.proto import ke
+from ntspy.proto.aead import AeadId
+from ntspy.proto.cookies import MASTER_KEY_LEN, KeyRing, MasterKey
+from ntspy.server.ke_server import KeServer
+from ntspy.server.negotiation import COOKIES_PER_KE, KePolicy
+from ntspy.server.stats import ServerStats, StatsTable
+
+LOOPBACK = "127.0.0.1"
+OUTCOMES = ("ke_completed", "ke_errors", "ke_failed")
+COUNTERS = ("ke_accepted", "ke_dropped", *OUTCOMES)
+REQUEST = ke.build_client_request([AeadId.AES_SIV_CMAC_256])
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
+    return make_test_pki(tmp_path_factory.mktemp("ke-server-pki"))
+
+
+class Running:
+    def __init__(self, server: KeServer, stats: ServerStats, pki: CertPaths) -> None:
+        self.server = server
+        self.stats = stats
+        self.pki = pki
+        self.port = server.addresses[0][1]
+
+    def counts(self) -> dict[str, int]:
+        return {name: self.stats.get(name) for name in COUNTERS}
+
+    async def settled(self) -> dict[str, int]:
+        """The counters once every accepted connection has its outcome."""
+        for _ in range(200):
+            c = self.counts()
+            if sum(c[n] for n in OUTCOMES) == c["ke_accepted"] and self.server.active == 0:
+                return c
+            await asyncio.sleep(0.01)
+        return self.counts()
+
+    def client_context(self, alpn: bool = True, tls12: bool = False) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(self.pki.ca_cert)
+        if alpn:
+            ctx.set_alpn_protocols([ke.ALPN_NTSKE.decode()])
+        if tls12:
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    async def tls(
+        self, alpn: bool = True, tls12: bool = False
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(
+            LOOPBACK, self.port, ssl=self.client_context(alpn, tls12), server_hostname="localhost"
+        )
+
+
+@contextlib.asynccontextmanager
+async def ke_server(pki: CertPaths, **kwargs: Any) -> AsyncIterator[Running]:
+    stats = StatsTable().row()
+    contexts = ServerContexts([(pki.server_cert, pki.server_key)], datetime.now(UTC))
+    ring = KeyRing([MasterKey(1, os.urandom(MASTER_KEY_LEN), 0)])
+    server = KeServer(contexts, ring, KePolicy([AeadId.AES_SIV_CMAC_256]), stats, **kwargs)
+    await server.start(LOOPBACK, 0)
+    try:
+        yield Running(server, stats, pki)
+    finally:
+        await server.close()
+
+
+async def read_all(reader: asyncio.StreamReader) -> bytes:
+    """Everything until the server closes (a reset counts as the end)."""
+    try:
+        return await asyncio.wait_for(reader.read(), 5.0)
+    except (ConnectionError, ssl.SSLError):
+        return b""
+
+
+def expect(counts: dict[str, int], **nonzero: int) -> None:
+    assert counts == {name: nonzero.get(name, 0) for name in COUNTERS}
+
+
+def error_code(response: bytes) -> int:
+    records = ke.parse_records(response)
+    errors = [r for r in records if r.type == ke.RecordType.ERROR]
+    assert len(errors) == 1 and not any(r.type == ke.RecordType.NEW_COOKIE for r in records)
+    return int.from_bytes(errors[0].body, "big")
+
+
+async def test_good_exchange_gets_cookies(pki: CertPaths) -> None:
+    async with ke_server(pki) as srv:
+        reader, writer = await srv.tls()
+        writer.write(REQUEST)
+        response = await read_all(reader)
+        assert writer.get_extra_info("ssl_object").version() == "TLSv1.3"
+        writer.close()
+        got = ke.parse_server_response(ke.parse_records(response), [AeadId.AES_SIV_CMAC_256])
+        assert got.aead == AeadId.AES_SIV_CMAC_256
+        assert len(got.cookies) == COOKIES_PER_KE
+        expect(await srv.settled(), ke_accepted=1, ke_completed=1)
+
+
+async def test_request_split_across_many_writes(pki: CertPaths) -> None:
+    async with ke_server(pki) as srv:
+        reader, writer = await srv.tls()
+        for i in range(len(REQUEST)):
+            writer.write(REQUEST[i : i + 1])
+            await writer.drain()
+        response = await read_all(reader)
+        writer.close()
+        assert len(ke.parse_server_response(ke.parse_records(response), [15]).cookies) == 8
+        expect(await srv.settled(), ke_accepted=1, ke_completed=1)
+
+
+async def test_client_without_alpn_is_refused(pki: CertPaths) -> None:
+    async with ke_server(pki) as srv:
+        reader, writer = await srv.tls(alpn=False)
+        writer.write(REQUEST)
+        assert await read_all(reader) == b""
+        writer.close()
+        expect(await srv.settled(), ke_accepted=1, ke_failed=1)
+
+
+async def test_tls12_client_is_refused(pki: CertPaths) -> None:
+    async with ke_server(pki) as srv:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await srv.tls(tls12=True)
+        expect(await srv.settled(), ke_accepted=1, ke_failed=1)
+
+
+def half_closed_exchange(srv: Running, payload: bytes) -> bytes:
+    """Send ``payload``, end our direction of TCP, read the answer (blocking)."""
+    ctx = srv.client_context()
+    with (
+        socket.create_connection((LOOPBACK, srv.port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as conn,
+    ):
+        conn.sendall(payload)
+        # The plain socket's shutdown: SSLSocket.shutdown would end TLS as well.
+        socket.socket.shutdown(conn, socket.SHUT_WR)
+        data = b""
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            while chunk := conn.recv(65536):
+                data += chunk
+        return data
+
+
+async def test_garbage_after_handshake_gets_bad_request(pki: CertPaths) -> None:
+    async with ke_server(pki) as srv:
+        # The garbage begins a record that never ends before the client's EOF.
+        response = await asyncio.to_thread(half_closed_exchange, srv, b"hello, not NTS-KE")
+        assert error_code(response) == ke.ErrorCode.BAD_REQUEST
+        expect(await srv.settled(), ke_accepted=1, ke_errors=1)
+
+
+async def test_unknown_critical_record_gets_unrecognized_critical(pki: CertPaths) -> None:
+    unknown = ke.encode_record(0x1234, b"xx", critical=True)
+    async with ke_server(pki) as srv:
+        reader, writer = await srv.tls()
+        writer.write(unknown + REQUEST)
+        response = await read_all(reader)
+        writer.close()
+        assert error_code(response) == ke.ErrorCode.UNRECOGNIZED_CRITICAL_RECORD
+        expect(await srv.settled(), ke_accepted=1, ke_errors=1)
+
+
+async def test_oversized_message_is_refused_without_waiting_for_its_end(pki: CertPaths) -> None:
+    filler = ke.encode_record(0x0123, bytes(60000))  # non-critical, and no End of Message
+    async with ke_server(pki) as srv:
+        reader, writer = await srv.tls()
+        writer.write(filler + filler)
+        response = await read_all(reader)
+        writer.close()
+        assert error_code(response) == ke.ErrorCode.BAD_REQUEST
+        expect(await srv.settled(), ke_accepted=1, ke_errors=1)
+
+
+async def test_silent_client_hits_the_handshake_timeout(pki: CertPaths) -> None:
+    async with ke_server(pki, handshake_timeout=0.2, request_timeout=30) as srv:
+        reader, writer = await asyncio.open_connection(LOOPBACK, srv.port)
+        started = asyncio.get_running_loop().time()
+        assert await read_all(reader) == b""
+        assert asyncio.get_running_loop().time() - started < 3
+        writer.close()
+        expect(await srv.settled(), ke_accepted=1, ke_failed=1)
+
+
+async def test_client_without_request_hits_the_request_timeout(pki: CertPaths) -> None:
+    async with ke_server(pki, handshake_timeout=30, request_timeout=0.2) as srv:
+        reader, writer = await srv.tls()
+        writer.write(REQUEST[:5])  # a request that never completes
+        started = asyncio.get_running_loop().time()
+        assert await read_all(reader) == b""
+        assert asyncio.get_running_loop().time() - started < 3
+        writer.close()
+        expect(await srv.settled(), ke_accepted=1, ke_failed=1)
+
+
+async def test_client_hanging_up_mid_handshake_is_counted(pki: CertPaths) -> None:
+    async with ke_server(pki) as srv:
+        _, writer = await asyncio.open_connection(LOOPBACK, srv.port)
+        writer.write(b"\x16\x03\x01\x00\x05")  # the start of a ClientHello record
+        writer.close()
+        expect(await srv.settled(), ke_accepted=1, ke_failed=1)
+
+
+async def test_connections_over_the_cap_are_dropped(pki: CertPaths) -> None:
+    async with ke_server(pki, max_connections=1) as srv:
+        _, held = await asyncio.open_connection(LOOPBACK, srv.port)
+        await asyncio.sleep(0.05)
+        reader, extra = await asyncio.open_connection(LOOPBACK, srv.port)
+        assert await read_all(reader) == b""
+        extra.close()
+        assert srv.counts()["ke_dropped"] == 1
+        held.close()
+        assert (await srv.settled())["ke_failed"] == 1
+        # The slot is free again: a real client gets its cookies.
+        reader, writer = await srv.tls()
+        writer.write(REQUEST)
+        assert ke.parse_records(await read_all(reader))
+        writer.close()
+        expect(await srv.settled(), ke_accepted=2, ke_dropped=1, ke_failed=1, ke_completed=1)
+
+
+async def test_close_cuts_open_connections_and_counts_them(pki: CertPaths) -> None:
+    async with ke_server(pki) as srv:
+        reader, writer = await srv.tls()
+        await asyncio.sleep(0.05)
+        await srv.server.close()
+        assert await read_all(reader) == b""
+        writer.close()
+        expect(srv.counts(), ke_accepted=1, ke_failed=1)
+        assert srv.server.active == 0
+
+
+async def test_sni_selects_the_matching_certificate(pki: CertPaths, tmp_path: Path) -> None:
+    other = make_test_pki(tmp_path / "other", hostnames=("other.test",), ips=())
+    stats = StatsTable().row()
+    contexts = ServerContexts(
+        [(pki.server_cert, pki.server_key), (other.server_cert, other.server_key)],
+        datetime.now(UTC),
+    )
+    ring = KeyRing([MasterKey(1, os.urandom(MASTER_KEY_LEN), 0)])
+    server = KeServer(contexts, ring, KePolicy([AeadId.AES_SIV_CMAC_256]), stats)
+    await server.start(LOOPBACK, 0)
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(other.ca_cert)
+        ctx.set_alpn_protocols(["ntske/1"])
+        reader, writer = await asyncio.open_connection(
+            LOOPBACK, server.addresses[0][1], ssl=ctx, server_hostname="other.test"
+        )
+        writer.write(REQUEST)
+        assert len(ke.parse_records(await read_all(reader))) > COOKIES_PER_KE
+        writer.close()
+    finally:
+        await server.close()
+    assert stats.get("ke_completed") == 1
