@@ -2,12 +2,17 @@
 
 RFC 8915 s5.1 makes AEAD_AES_SIV_CMAC_256 (15) mandatory; chrony prefers
 AEAD_AES_128_GCM_SIV (30) for its smaller cookies, NTPsec and ntpd-rs also
-offer the 384/512-bit SIV variants. All of them come from ``cryptography``.
+offer the 384/512-bit SIV variants. All of them come from ``cryptography``,
+except that the SIV ones use ``ntspy._accel`` when it was built (a compiled
+AES-SIV that keeps its key schedules between calls, about 3x faster per
+call; same bytes, tested). ``NTSPY_NO_ACCEL=1`` in the environment, read at
+import, keeps everything on ``cryptography``.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -15,6 +20,18 @@ from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV, AESSIV
 
 from ..errors import AuthenticationFailure
+
+try:
+    if os.environ.get("NTSPY_NO_ACCEL", "") not in ("", "0"):
+        raise ImportError("disabled by NTSPY_NO_ACCEL")
+    from .._accel import AesSiv as _FastSiv
+    from .._accel import InvalidTag as _FastInvalidTag
+except ImportError:  # not built (no compiler or headers at install time) or disabled
+    _FastSiv = None  # type: ignore[assignment,misc]
+    _FastInvalidTag = InvalidTag  # type: ignore[assignment,misc]
+
+#: Whether AES-SIV runs on the compiled accelerator in this process.
+ACCELERATED = _FastSiv is not None
 
 
 class AeadId(enum.IntEnum):
@@ -65,7 +82,7 @@ def supported() -> list[AeadId]:
 class Aead:
     """One key under one algorithm: seal and open with a caller-supplied nonce."""
 
-    __slots__ = ("_gcm", "_siv", "aead_id", "key")
+    __slots__ = ("_fast", "_gcm", "_siv", "aead_id", "key")
 
     def __init__(self, aead_id: int, key: bytes) -> None:
         meta = info(aead_id)
@@ -74,17 +91,27 @@ class Aead:
         self.aead_id = meta.id
         self.key = key
         gcm = meta.id == AeadId.AES_128_GCM_SIV
-        self._siv: AESSIV | None = None if gcm else AESSIV(key)
+        fast = not gcm and _FastSiv is not None
+        self._fast: _FastSiv | None = _FastSiv(key) if fast else None
+        self._siv: AESSIV | None = None if gcm or fast else AESSIV(key)
         self._gcm: AESGCMSIV | None = AESGCMSIV(key) if gcm else None
 
     @property
     def nonce_length(self) -> int:
         return AEADS[self.aead_id].nonce_length
 
+    @property
+    def accelerated(self) -> bool:
+        """Whether this key runs on ``ntspy._accel``."""
+        return self._fast is not None
+
     def seal(self, nonce: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
         """Encrypt and authenticate; returns ciphertext with the tag."""
+        # RFC 8915 s5.6: for SIV the nonce is the last associated-data component
+        # (the accelerator's seal/open put it there too).
+        if self._fast is not None:
+            return self._fast.seal(nonce, plaintext, associated_data)
         if self._siv is not None:
-            # RFC 8915 s5.6: the nonce is the last associated-data component.
             return self._siv.encrypt(plaintext, [associated_data, nonce])
         assert self._gcm is not None
         return self._gcm.encrypt(nonce, plaintext, associated_data)
@@ -92,9 +119,11 @@ class Aead:
     def open(self, nonce: bytes, ciphertext: bytes, associated_data: bytes) -> bytes:
         """Verify and decrypt; any failure raises :class:`AuthenticationFailure`."""
         try:
+            if self._fast is not None:
+                return self._fast.open(nonce, ciphertext, associated_data)
             if self._siv is not None:
                 return self._siv.decrypt(ciphertext, [associated_data, nonce])
             assert self._gcm is not None
             return self._gcm.decrypt(nonce, ciphertext, associated_data)
-        except (InvalidTag, ValueError) as exc:
+        except (InvalidTag, _FastInvalidTag, ValueError) as exc:
             raise AuthenticationFailure("AEAD verification failed") from exc
