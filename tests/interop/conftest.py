@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from ntspy.certs import make_test_pki
+from tests.peers import free_port
 
 CHRONYD = shutil.which("chronyd") or "/usr/sbin/chronyd"
 NO_SYS_TIME = ["setpriv", "--bounding-set", "-sys_time", "--inh-caps", "-sys_time"]
@@ -34,21 +35,6 @@ class Chronyd:
     ca_cert: Path
     directory: Path
     pid: int
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port found")
 
 
 def _wait_for_tcp(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -69,7 +55,7 @@ def chronyd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chronyd]:
     directory = tmp_path_factory.mktemp("chronyd")
     paths = make_test_pki(directory)
     (directory / "nts").mkdir()
-    ntp_port, ke_port = free_port(), free_port()
+    ntp_port, ke_port = free_port("udp"), free_port("tcp")
     conf = directory / "chrony.conf"
     conf.write_text(
         "\n".join(

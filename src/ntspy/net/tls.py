@@ -533,6 +533,13 @@ class ServerContexts:
 # --- the stream ----------------------------------------------------------------
 
 
+def _export(conn: SSL.Connection, label: bytes, length: int, context: bytes) -> bytes:
+    try:
+        return bytes(conn.export_keying_material(label, length, context))
+    except SSL.Error as e:
+        raise TlsError(f"TLS exporter failed: {_ssl_reason(e)}") from None
+
+
 class _PeerClosed(Exception):
     """The transport hit EOF in the middle of the handshake."""
 
@@ -851,10 +858,7 @@ class TlsStream:
 
     def export_keying_material(self, label: bytes, length: int, context: bytes) -> bytes:
         """RFC 8446 s7.5 exporter (RFC 5705 interface), as RFC 8915 s5.1 uses it."""
-        try:
-            return self._conn.export_keying_material(label, length, context)
-        except SSL.Error as e:
-            raise TlsError(f"TLS exporter failed: {_ssl_reason(e)}") from None
+        return _export(self._conn, label, length, context)
 
     # -- facts about the session ---------------------------------------------------
 
@@ -1009,10 +1013,7 @@ class ServerTls:
 
     def export_keying_material(self, label: bytes, length: int, context: bytes) -> bytes:
         """RFC 8446 s7.5 exporter (RFC 5705 interface), as RFC 8915 s5.1 uses it."""
-        try:
-            return self._conn.export_keying_material(label, length, context)
-        except SSL.Error as e:
-            raise TlsError(f"TLS exporter failed: {_ssl_reason(e)}") from None
+        return _export(self._conn, label, length, context)
 
     @property
     def server_name(self) -> str | None:
