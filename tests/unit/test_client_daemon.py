@@ -24,7 +24,7 @@ from ntspy.client.source import (
 )
 from ntspy.clock import MeasureOnlyClock
 from ntspy.config import Config, SourceConfig, parse_config
-from ntspy.errors import KeConnectionError, TlsError
+from ntspy.errors import KeConnectionError, KissOfDeath, TlsError
 from ntspy.sync.discipline import format_drift
 
 NOW = 1_800_000_000 * 10**9
@@ -337,3 +337,21 @@ async def test_ntsrefresh_redoes_ke_even_with_cookies_left() -> None:
     assert len(kes) == 1 and src.ke.successes == 1  # cookies left, not due yet
     assert await src.poll_once(3600.0) is not None
     assert len(kes) == 2 and src.ke.successes == 2  # due: fresh keys and cookies
+
+
+async def test_rate_kiss_doubles_the_poll_interval_even_past_maxpoll() -> None:
+    src = Source(source_config("server 127.0.0.1 minpoll 2 maxpoll 3"), FakeClock())
+
+    async def rate() -> Measurement:
+        raise KissOfDeath("RATE")
+
+    async def deny() -> Measurement:
+        raise KissOfDeath("DENY")
+
+    src.session.measure = rate  # type: ignore[method-assign]
+    for expected in (3, 4, 5):
+        assert await src.poll_once(0.0) is None
+        assert src.poll == expected and "RATE" in src.last_error
+    src.session.measure = deny  # type: ignore[method-assign]
+    assert await src.poll_once(0.0) is None
+    assert src.poll == 5 and src.reach.value == 0

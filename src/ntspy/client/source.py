@@ -19,7 +19,7 @@ from typing import Any
 
 from ..clock import Clock
 from ..config import SourceConfig
-from ..errors import KeConnectionError, KeError, NtsError, StateFileError
+from ..errors import KeConnectionError, KeError, KissOfDeath, NtsError, StateFileError
 from ..net.tls import TrustConfig
 from ..proto.aead import info
 from ..proto.ntp import Leap
@@ -38,6 +38,7 @@ KE_BACKOFF_MAX_LOG2 = 17
 IBURST_COUNT = 4
 IBURST_INTERVAL = 2.0
 POLL_RAISE_AFTER = 4  # good samples in a row before the poll interval doubles
+MAX_POLL_LOG2 = 17  # RFC 5905's largest poll exponent (36 h)
 DUMP_KIND = "ntspy-nts-source"
 DUMP_VERSION = 1
 PHI = 15e-6  # RFC 5905 frequency tolerance: dispersion growth per second
@@ -263,6 +264,15 @@ class Source:
             self.ke.attempts += 1
             self.ke.last_error = self.last_error = str(exc)
             self.ke.retry_at = now + 2.0 ** KE_BACKOFF_CONNECT_LOG2 * self.backoff_scale
+            return None
+        except KissOfDeath as exc:
+            # Authenticated (NTS) or not, a kiss only costs us this poll. RATE
+            # asks us to poll less often: double the interval, past maxpoll if
+            # need be, as RFC 5905 s7.4 expects of a client.
+            self.last_error = str(exc)
+            if exc.code == "RATE":
+                self.poll = min(self.poll + 1, MAX_POLL_LOG2)
+                self.good_streak = 0
             return None
         except NtsError as exc:
             self.last_error = str(exc)
