@@ -1,7 +1,7 @@
-"""Types of the optional compiled AES-SIV (``src/ntspy/_accel.c``)."""
+"""Types of the optional compiled AES-SIV and batched UDP I/O (``src/ntspy/_accel.c``)."""
 
 from collections.abc import Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
@@ -22,3 +22,22 @@ class AesSiv:
     def decrypt(
         self, ciphertext: Buffer, associated_data: Sequence[Buffer] | None = None, /
     ) -> bytes: ...
+
+def recv_batch(
+    fd: int, max_count: int, bufsize: int, /
+) -> list[tuple[bytes | None, tuple[Any, ...] | None, int]]:
+    """Up to ``max_count`` (1-256) queued datagrams from one non-blocking recvmmsg.
+
+    Each is (data, address, rx_ns): data None when longer than ``bufsize``
+    (1-65536, truncated), address in the socket module's format (None for
+    families other than AF_INET/AF_INET6), rx_ns the kernel receive time in
+    Unix ns or -1. Empty when nothing is queued; OSError on other errors.
+    """
+
+def send_batch(fd: int, items: Sequence[tuple[bytes, tuple[Any, ...]]], /) -> int:
+    """Send each (data, numeric address) with sendmmsg; the number sent.
+
+    ``items``: a list or tuple of at most 256. A datagram the kernel refuses
+    is skipped and the rest still go out; a malformed item raises TypeError,
+    ValueError or OverflowError before anything is sent.
+    """
