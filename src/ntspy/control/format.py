@@ -68,26 +68,27 @@ def interval(seconds: float | None) -> str:
 _UNITS = (("ns", 1e-9), ("us", 1e-6), ("ms", 1e-3))
 
 
-def nanoseconds(seconds: float) -> str:
-    """chronyc's ``%S``: an unsigned duration with a unit, 6 columns."""
+def _duration(seconds: float, signed: bool) -> str:
+    """chronyc's ``%S`` / ``%+S``: a duration with a unit, switching at 9999.5 of it."""
     x = abs(seconds)
+    value = seconds if signed else x
+    sign, width = ("+", 5) if signed else ("", 4)
     for unit, scale in _UNITS:
         if x / scale < 9999.5:
-            return f"{x / scale:4.0f}{unit}"
+            return f"{value / scale:{sign}{width}.0f}{unit}"
     if x < 999.5:
-        return f"{x:5.1f}s"
-    return _big(x, signed=False)
+        return f"{value:{sign}{width + 1}.1f}s"
+    return _big(value, signed)
+
+
+def nanoseconds(seconds: float) -> str:
+    """chronyc's ``%S``: an unsigned duration with a unit, 6 columns."""
+    return _duration(seconds, signed=False)
 
 
 def signed_nanoseconds(seconds: float) -> str:
     """chronyc's ``%+S``: a signed duration with a unit, 7 columns."""
-    x = abs(seconds)
-    for unit, scale in _UNITS:
-        if x / scale < 9999.5:
-            return f"{seconds / scale:+5.0f}{unit}"
-    if x < 999.5:
-        return f"{seconds:+6.1f}s"
-    return _big(seconds, signed=True)
+    return _duration(seconds, signed=True)
 
 
 def _big(seconds: float, signed: bool) -> str:
