@@ -1,9 +1,11 @@
 """Build hook for the optional compiled accelerator; metadata lives in pyproject.toml.
 
-``ntspy._accel`` (AES-SIV for the NTS server path) needs a C compiler, the
+``ntspy._accel`` (AES-SIV and batched UDP for the NTS server path) and
+``ntspy._ke`` (the NTS-KE server's connection loop) need a C compiler, the
 Python headers and OpenSSL's (Debian: ``gcc``, ``python3-dev``,
-``libssl-dev``). Without them the build skips it (``optional=True``) and
-ntspy runs on ``cryptography`` alone, answering byte for byte the same.
+``libssl-dev``). Without them the build skips them (``optional=True``) and
+ntspy runs on ``cryptography``, pyOpenSSL and asyncio alone, answering
+byte for byte the same.
 """
 
 from setuptools import Extension, setup
@@ -16,6 +18,14 @@ setup(
             libraries=["crypto"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
             optional=True,
-        )
+        ),
+        # The NTS-KE server's accept/TLS/answer loop (server/ke_server.py).
+        Extension(
+            "ntspy._ke",
+            ["src/ntspy/_ke.c"],
+            libraries=["ssl", "crypto"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+            optional=True,
+        ),
     ]
 )

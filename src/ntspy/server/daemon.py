@@ -225,6 +225,9 @@ class ServerDaemon:
             log.info("reloaded NTS server certificates")
         except CertificateError as exc:
             log.error("certificate reload failed, keeping the old ones: %s", exc)
+            return
+        if self.ke_server is not None:
+            self.ke_server.certificates_reloaded()
 
     async def stop(self) -> None:
         for task in self._tasks:

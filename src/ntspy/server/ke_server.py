@@ -10,10 +10,19 @@ sent), ``ke_errors`` (an Error record sent, or a refusal such as no common
 AEAD) and ``ke_failed`` (TLS failure, timeout, hang-up); a connection refused
 at the door counts as ``ke_dropped`` and in nothing else.
 
-One :class:`KeServerProtocol` per connection feeds what the socket delivers
-straight into OpenSSL's memory BIO (:class:`~ntspy.net.tls.ServerTls`): no
-StreamReader/StreamWriter, no task, and one timer handle per phase, because
-the Python around the TLS work was more than half of a handshake's CPU time.
+Two interchangeable ways to serve a listening socket, with the same
+answers, counters and log lines:
+
+- the compiled engine (``ntspy._ke``, built when a C compiler and libssl-dev
+  are there): accept, TLS and the socket I/O run in C over the system
+  OpenSSL, and Python is called once per connection to turn the request into
+  the answer (:class:`_NativeListener`).  Python around the TLS work was half
+  of a key exchange's CPU time; see docs/performance.md.
+- the pure-Python fallback: one :class:`KeServerProtocol` per connection
+  feeds what the socket delivers straight into pyOpenSSL's memory BIO
+  (:class:`~ntspy.net.tls.ServerTls`): no StreamReader/StreamWriter, no task,
+  one timer handle per phase.  It serves when the engine is not built, when
+  ``NTSPY_NO_ACCEL=1``, or when the system OpenSSL refuses the certificates.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from ..errors import KeProtocolError, NtsError
-from ..net.tls import ServerContexts, ServerTls
+from ..net.tls import HAVE_NATIVE_KE, NTSKE_ALPN, ServerContexts, ServerTls, handshake_error
 from ..proto import ke
 from ..proto.cookies import KeyRing
 from .negotiation import KePolicy, negotiate
@@ -75,16 +84,31 @@ class KeServer:
         self.random_bytes = random_bytes
         self.handshake_timeout = handshake_timeout
         self.request_timeout = request_timeout
-        self.active = 0
+        self._protocols_active = 0
         self._servers: list[asyncio.Server] = []
+        self._listeners: list[_NativeListener] = []
         self._live: set[KeServerProtocol] = set()
         # Every read lands here and is handed to OpenSSL at once, so one
         # buffer serves all connections of this (single-threaded) server.
         self.receive_buffer = bytearray(RECEIVE_BUFFER)
 
+    @property
+    def native(self) -> bool:
+        """Whether new listening sockets are served by the compiled engine."""
+        return HAVE_NATIVE_KE and self.contexts.native is not None
+
+    @property
+    def active(self) -> int:
+        """Connections being served right now."""
+        return self._protocols_active + sum(li.engine.active for li in self._listeners)
+
     async def start(self, host: str | None, port: int, sock: socket.socket | None = None) -> None:
         """Listen on ``sock`` if given, else on ``host``:``port`` (0: any free port)."""
         loop = asyncio.get_running_loop()
+        if self.native:
+            for listening in [sock] if sock is not None else _listen(host, port):
+                self._listeners.append(_NativeListener(self, listening, loop))
+            return
         if sock is not None:
             server = await loop.create_server(self._protocol, sock=sock)
         else:
@@ -96,10 +120,25 @@ class KeServer:
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        return [s.getsockname()[:2] for srv in self._servers for s in srv.sockets]
+        socks = [s for srv in self._servers for s in srv.sockets]
+        socks += [li.sock for li in self._listeners]
+        return [s.getsockname()[:2] for s in socks]
+
+    def certificates_reloaded(self) -> None:
+        """Serve new connections with what :meth:`ServerContexts.reload` loaded."""
+        native = self.contexts.native
+        for listener in self._listeners:
+            if native is not None:
+                listener.engine.set_tls(native)
+            else:
+                log.warning("the compiled NTS-KE server keeps the old certificates: "
+                            "the system OpenSSL refused the new ones")
 
     async def close(self) -> None:
         """Stop listening and cut the connections still open (counted as failed)."""
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
         for srv in self._servers:
             srv.close()
         for proto in list(self._live):
@@ -163,7 +202,7 @@ class KeServerProtocol(asyncio.BufferedProtocol):
             log.exception("cannot set up TLS for an NTS-KE connection from %s", address)
             transport.abort()
             return
-        server.active += 1
+        server._protocols_active += 1
         server._live.add(self)
         server.stats.add("ke_accepted")
         self._phase = _HANDSHAKE
@@ -238,7 +277,7 @@ class KeServerProtocol(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        server.active -= 1
+        server._protocols_active -= 1
         server._live.discard(self)
         self._tls = None
         self._reader = None
@@ -345,3 +384,138 @@ class KeServerProtocol(asyncio.BufferedProtocol):
             self._timer = None
         if self._transport is not None:
             self._transport.abort()
+
+
+# -- the compiled engine -------------------------------------------------------
+
+
+def _listen(host: str | None, port: int) -> list[socket.socket]:
+    """Listening TCP sockets on ``host``:``port`` as asyncio's create_server makes them."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(100)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _failure_message(server: KeServer, who: str, kind: str, detail: str | bytes | None) -> str:
+    """The words the asyncio path uses for the same ending."""
+    if kind == "alpn":
+        offered = _alpn_names(detail if isinstance(detail, bytes) else b"")
+        return f"{who}: client offered ALPN {offered}, not {NTSKE_ALPN.decode()}"
+    text = detail.decode("ascii", "replace") if isinstance(detail, bytes) else detail
+    if kind == "tls":
+        return str(handshake_error(text or "unknown TLS error", who, who))
+    if kind == "no-alpn":
+        return f"{who} did not offer ALPN {NTSKE_ALPN.decode()}"
+    if kind == "eof-handshake":
+        return "client closed the connection during the TLS handshake"
+    if kind == "tls-receive":
+        return f"TLS error receiving from {who}: {text}"
+    if kind == "timeout-handshake":
+        return f"TLS handshake timed out after {server.handshake_timeout:g} s"
+    if kind == "timeout-request":
+        return "timed out waiting for the NTS-KE request"
+    if kind == "shutdown":
+        return "server shutting down"
+    return f"connection lost ({text or 'closed'})"
+
+
+def _alpn_names(wire: bytes) -> str:
+    """An ALPN protocol list (RFC 7301 s3.1, without its length prefix), for a log line."""
+    names: list[str] = []
+    view = memoryview(wire)
+    while view:
+        length = view[0]
+        names.append(bytes(view[1 : 1 + length]).decode("ascii", "replace"))
+        view = view[1 + length :]
+    return ", ".join(names) or "nothing"
+
+
+class _NativeListener:
+    """One listening socket served by ``ntspy._ke.Engine``; Python decides the NTS part.
+
+    Every accepted connection gets exactly one of :meth:`on_request` and
+    :meth:`on_failed` from the engine, so the counters add up as in the
+    asyncio path.
+    """
+
+    __slots__ = ("engine", "loop", "server", "sock")
+
+    def __init__(
+        self, server: KeServer, sock: socket.socket, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        from .._ke import Engine
+
+        native = server.contexts.native
+        assert native is not None
+        sock.setblocking(False)
+        self.server = server
+        self.sock = sock
+        self.loop = loop
+        self.engine = Engine(
+            sock.fileno(), native, self.on_accept, self.on_request, self.on_failed,
+            server.handshake_timeout, server.request_timeout,
+        )
+        loop.add_reader(self.engine.fileno(), self.engine.run)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.engine.fileno())
+        self.engine.close()
+        self.sock.close()
+
+    def on_accept(self, host: str) -> bool:
+        server = self.server
+        # One listener (the usual case): its engine's count is the server's.
+        active = self.engine.active if len(server._listeners) == 1 else server.active
+        limiter = server.ratelimit
+        if active <= server.max_connections and (
+            limiter is None or limiter.check(host, time.monotonic_ns()) is Verdict.PASS
+        ):
+            server.stats.add("ke_accepted")
+            return True
+        server.stats.add("ke_dropped")
+        return False
+
+    def on_request(self, data: bytes, eof: bool) -> bytes:
+        server = self.server
+        try:
+            reader = ke.RecordReader()
+            records = reader.feed(data)
+            if not reader.done:
+                reader.eof()  # raises: the stream ended before End of Message
+            outcome = negotiate(
+                records, server.policy, server.keyring, self.engine.export, server.random_bytes,
+            )
+        except KeProtocolError as exc:
+            server.stats.add("ke_errors")
+            log.info("NTS-KE from %s: %s", self.engine.peer(), exc)
+            return ke.build_error(exc.code)
+        except Exception:  # nothing a client sends may take the server down
+            server.stats.add("ke_failed")
+            log.exception("NTS-KE with %s failed unexpectedly", self.engine.peer())
+            return b""
+        if outcome.error_code is not None or outcome.aead_id is None:
+            server.stats.add("ke_errors")
+            log.info("NTS-KE from %s refused: %s", self.engine.peer(), outcome.reason)
+        else:
+            server.stats.add("ke_completed")
+        return outcome.response
+
+    def on_failed(self, who: str | None, kind: str, detail: str | bytes | None) -> None:
+        if who is None:  # accept() itself failed: nothing was accepted
+            log.warning("NTS-KE server cannot accept connections (%s); pausing 1 s", detail)
+            return
+        self.server.stats.add("ke_failed")
+        log.info("NTS-KE from %s: %s", who, _failure_message(self.server, who, kind, detail))

@@ -1,0 +1,42 @@
+"""Types of the optional compiled NTS-KE server loop (``src/ntspy/_ke.c``)."""
+
+from collections.abc import Callable
+
+MAX_MESSAGE: int
+
+class TlsContext:
+    """NTS-KE server TLS settings for ``[(chain_pem, key_pem), ...]``.
+
+    The first pair is the default; the others are chosen by the client's SNI.
+    Raises ValueError when OpenSSL refuses a pair.
+    """
+
+    def __init__(self, pairs: list[tuple[bytes, bytes]]) -> None: ...
+
+class Engine:
+    """Accepts on ``listen_fd`` and runs each connection's TLS and KE exchange.
+
+    ``on_accept(host)`` admits (True) or drops a new connection;
+    ``on_request(data, eof)`` turns the request bytes into the answer;
+    ``on_failed(who, kind, detail)`` reports a connection that ended without
+    one (``who`` None: accept() itself failed).
+    """
+
+    def __init__(
+        self,
+        listen_fd: int,
+        tls: TlsContext,
+        on_accept: Callable[[str], bool],
+        on_request: Callable[[bytes, bool], bytes],
+        on_failed: Callable[[str | None, str, str | bytes | None], None],
+        handshake_timeout: float,
+        request_timeout: float,
+    ) -> None: ...
+    @property
+    def active(self) -> int: ...
+    def run(self) -> None: ...
+    def close(self) -> None: ...
+    def fileno(self) -> int: ...
+    def export(self, label: bytes, length: int, context: bytes, /) -> bytes: ...
+    def peer(self) -> str: ...
+    def set_tls(self, tls: TlsContext, /) -> None: ...
