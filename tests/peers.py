@@ -101,6 +101,7 @@ class ServerProc:
     netns: bool = False
     proc: subprocess.Popen[bytes] | None = None
     runs: int = field(default=0)
+    pure_python: bool = False  # NTSPY_NO_ACCEL=1: no compiled engine or accelerator
 
     @property
     def pid(self) -> int:
@@ -120,8 +121,10 @@ class ServerProc:
         """Start the daemon; with ``wait``, return once NTS-KE and control answer."""
         self.runs += 1
         with self.log_path.open("ab") as log:
+            env = {**os.environ, "NTSPY_NO_ACCEL": "1"} if self.pure_python else None
             self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env,
             )
         if wait:
             self.wait_ready()
@@ -239,9 +242,11 @@ def start_ntspy_server(
     ntsprocesses: int = 1,
     allow: str = "allow 127.0.0.1",
     netns: bool = False,
+    pure_python: bool = False,
 ) -> ServerProc:
     """Start ``ntspy serve`` on loopback and wait until it serves NTS-KE."""
     server = prepare_ntspy_server(tmp_path, extra_lines, ntsprocesses, allow, netns)
+    server.pure_python = pure_python
     server.start()
     return server
 

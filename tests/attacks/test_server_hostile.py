@@ -28,9 +28,14 @@ LOOPBACK = "127.0.0.1"
 DROP_COUNTERS = ("ntp_received", "ntp_malformed", "ntp_denied", "ntp_dropped")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
-    proc = start_ntspy_server(tmp_path_factory.mktemp("hostile"))
+@pytest.fixture(scope="module", params=["compiled", "pure-python"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProc]:
+    # Both NTS-KE servers: the compiled engine and the asyncio fallback.
+    proc = start_ntspy_server(
+        tmp_path_factory.mktemp("hostile"), pure_python=request.param == "pure-python"
+    )
     try:
         yield proc
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import random
 import shutil
@@ -82,6 +83,16 @@ def test_accelerator_is_built_where_it_can_be() -> None:
         assert not ACCELERATED
     # GCM-SIV always stays on cryptography
     assert not Aead(AeadId.AES_128_GCM_SIV, bytes(16)).accelerated
+
+
+def test_ke_engine_is_built_where_it_can_be() -> None:
+    # Same for the NTS-KE engine: libssl comes with the same libssl-dev.
+    from ntspy.net.tls import HAVE_NATIVE_KE
+
+    built = importlib.util.find_spec("ntspy._ke") is not None
+    if _headers_present() and Path("/usr/include/openssl/ssl.h").exists():
+        assert built, "ntspy._ke was not built although the headers are there"
+    assert HAVE_NATIVE_KE == (built and os.environ.get("NTSPY_NO_ACCEL", "") in ("", "0"))
 
 
 def test_env_var_forces_the_pure_python_path() -> None:

@@ -1,5 +1,8 @@
 """The NTS-KE server protocol over loopback: every way a connection can end is
-answered as RFC 8915 wants and lands in exactly one counter."""
+answered as RFC 8915 wants and lands in exactly one counter.
+
+Every test runs twice: on the compiled engine (``ntspy._ke``, what ``ntspy
+serve`` uses when it is built) and on the pure-Python asyncio fallback."""
 
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from typing import Any
 import pytest
 
 from ntspy.certs import CertPaths, make_test_pki
-from ntspy.net.tls import ServerContexts
+from ntspy.client.ke import key_exchange
+from ntspy.net.tls import HAVE_NATIVE_KE, ServerContexts, TrustConfig
 from ntspy.proto import ke
 from ntspy.proto.aead import AeadId
 from ntspy.proto.cookies import MASTER_KEY_LEN, KeyRing, MasterKey
@@ -28,6 +32,26 @@ LOOPBACK = "127.0.0.1"
 OUTCOMES = ("ke_completed", "ke_errors", "ke_failed")
 COUNTERS = ("ke_accepted", "ke_dropped", *OUTCOMES)
 REQUEST = ke.build_client_request([AeadId.AES_SIV_CMAC_256])
+
+
+_BACKEND = {"native": True}
+
+
+@pytest.fixture(autouse=True, params=["compiled", "asyncio"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which implementation the test's servers use."""
+    if request.param == "compiled" and not HAVE_NATIVE_KE:
+        pytest.skip("ntspy._ke is not built here (test_accel checks it is wherever it can be)")
+    _BACKEND["native"] = request.param == "compiled"
+    return str(request.param)
+
+
+def make_server(contexts: ServerContexts, stats: ServerStats, **kwargs: Any) -> KeServer:
+    ring = KeyRing([MasterKey(1, os.urandom(MASTER_KEY_LEN), 0)])
+    server = KeServer(contexts, ring, KePolicy([AeadId.AES_SIV_CMAC_256]), stats,
+                      use_native=_BACKEND["native"], **kwargs)
+    assert server.native == _BACKEND["native"]
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +99,7 @@ class Running:
 async def ke_server(pki: CertPaths, **kwargs: Any) -> AsyncIterator[Running]:
     stats = StatsTable().row()
     contexts = ServerContexts([(pki.server_cert, pki.server_key)], datetime.now(UTC))
-    ring = KeyRing([MasterKey(1, os.urandom(MASTER_KEY_LEN), 0)])
-    server = KeServer(contexts, ring, KePolicy([AeadId.AES_SIV_CMAC_256]), stats, **kwargs)
+    server = make_server(contexts, stats, **kwargs)
     await server.start(LOOPBACK, 0)
     try:
         yield Running(server, stats, pki)
@@ -256,8 +279,7 @@ async def test_sni_selects_the_matching_certificate(pki: CertPaths, tmp_path: Pa
         [(pki.server_cert, pki.server_key), (other.server_cert, other.server_key)],
         datetime.now(UTC),
     )
-    ring = KeyRing([MasterKey(1, os.urandom(MASTER_KEY_LEN), 0)])
-    server = KeServer(contexts, ring, KePolicy([AeadId.AES_SIV_CMAC_256]), stats)
+    server = make_server(contexts, stats)
     await server.start(LOOPBACK, 0)
     try:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -269,6 +291,58 @@ async def test_sni_selects_the_matching_certificate(pki: CertPaths, tmp_path: Pa
         writer.write(REQUEST)
         assert len(ke.parse_records(await read_all(reader))) > COOKIES_PER_KE
         writer.close()
+    finally:
+        await server.close()
+    assert stats.get("ke_completed") == 1
+
+
+async def test_cookies_carry_the_keys_the_client_derived(pki: CertPaths) -> None:
+    # The server's TLS exporter (RFC 8915 s5.1) must give the client's keys.
+    async with ke_server(pki) as srv:
+        trust = TrustConfig(use_system_store=False, extra=[pki.ca_cert])
+        result = await key_exchange(LOOPBACK, srv.port, trust=trust, server_name="localhost",
+                                    aeads=[AeadId.AES_SIV_CMAC_256])
+        ring = srv.server.keyring
+        for cookie in result.cookies:
+            keys = ring.open(cookie)
+            assert (keys.aead_id, keys.c2s, keys.s2c) == (result.aead_id, result.c2s, result.s2c)
+        assert len({ring.open(c).c2s for c in result.cookies}) == 1
+        assert len(set(result.cookies)) == COOKIES_PER_KE  # a fresh nonce in each
+        expect(await srv.settled(), ke_accepted=1, ke_completed=1)
+
+
+async def test_server_picks_aes128_gcm_whatever_the_client_prefers(pki: CertPaths) -> None:
+    async with ke_server(pki) as srv:
+        reader, writer = await srv.tls()  # Python's ssl lists AES-256-GCM first
+        assert writer.get_extra_info("cipher")[0] == "TLS_AES_128_GCM_SHA256"
+        writer.write(REQUEST)
+        assert ke.parse_records(await read_all(reader))
+        writer.close()
+
+
+async def test_reloaded_certificates_serve_the_next_connections(
+    pki: CertPaths, tmp_path: Path
+) -> None:
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "server.pem", live / "server.key"
+    cert.write_bytes(pki.server_cert.read_bytes())
+    key.write_bytes(pki.server_key.read_bytes())
+    other = make_test_pki(tmp_path / "other", hostnames=("other.test",), ips=())
+    stats = StatsTable().row()
+    contexts = ServerContexts([(cert, key)], datetime.now(UTC))
+    server = make_server(contexts, stats)
+    await server.start(LOOPBACK, 0)
+    port = server.addresses[0][1]
+    try:
+        cert.write_bytes(other.server_cert.read_bytes())  # what SIGHUP does
+        key.write_bytes(other.server_key.read_bytes())
+        contexts.reload(datetime.now(UTC))
+        server.certificates_reloaded()
+        trust = TrustConfig(use_system_store=False, extra=[other.ca_cert])
+        result = await key_exchange(LOOPBACK, port, trust=trust, server_name="other.test",
+                                    aeads=[AeadId.AES_SIV_CMAC_256])
+        assert len(result.cookies) == COOKIES_PER_KE
     finally:
         await server.close()
     assert stats.get("ke_completed") == 1

@@ -74,6 +74,7 @@ class KeServer:
         random_bytes: Callable[[int], bytes] = os.urandom,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         request_timeout: float = REQUEST_TIMEOUT,
+        use_native: bool = True,
     ) -> None:
         self.contexts = contexts
         self.keyring = keyring
@@ -84,6 +85,7 @@ class KeServer:
         self.random_bytes = random_bytes
         self.handshake_timeout = handshake_timeout
         self.request_timeout = request_timeout
+        self.use_native = use_native  # False: always the asyncio path
         self._protocols_active = 0
         self._servers: list[asyncio.Server] = []
         self._listeners: list[_NativeListener] = []
@@ -95,7 +97,7 @@ class KeServer:
     @property
     def native(self) -> bool:
         """Whether new listening sockets are served by the compiled engine."""
-        return HAVE_NATIVE_KE and self.contexts.native is not None
+        return self.use_native and HAVE_NATIVE_KE and self.contexts.native is not None
 
     @property
     def active(self) -> int:
