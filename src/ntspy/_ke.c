@@ -279,6 +279,7 @@ typedef struct {
     Conn *current; /* the connection on_request is answering */
     int active;
     double accept_paused_until;
+    double armed; /* when the timerfd goes off (0: not armed) */
     int in_run, close_pending, closed;
 } EngineObject;
 
@@ -713,8 +714,12 @@ conn_event(EngineObject *e, Conn *c, uint32_t events)
         conn_fail_text(e, c, "lost", strerror(errno));
 }
 
+/* Keep the timerfd due no later than the earliest deadline.  It may go off
+ * early: deadlines only move later as connections finish, so a timer armed
+ * for one that is gone just wakes run() once, which re-arms it.  That saves
+ * a timerfd_settime() on almost every run. */
 static int
-engine_rearm(EngineObject *e)
+engine_rearm(EngineObject *e, double now)
 {
     double next = 0;
     for (int l = 0; l < 2; l++) {
@@ -723,15 +728,18 @@ engine_rearm(EngineObject *e)
     }
     if (e->accept_paused_until > 0 && (next == 0 || e->accept_paused_until < next))
         next = e->accept_paused_until;
+    if (next == 0 || (e->armed > now && e->armed <= next))
+        return 0; /* nothing to wait for, or the timer goes off in time anyway */
     struct itimerspec its;
     memset(&its, 0, sizeof its);
-    if (next > 0) {
-        its.it_value.tv_sec = (time_t)next;
-        its.it_value.tv_nsec = (long)((next - (double)(time_t)next) * 1e9);
-        if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0)
-            its.it_value.tv_nsec = 1;
-    }
-    return timerfd_settime(e->tfd, TFD_TIMER_ABSTIME, &its, NULL);
+    its.it_value.tv_sec = (time_t)next;
+    its.it_value.tv_nsec = (long)((next - (double)(time_t)next) * 1e9);
+    if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0)
+        its.it_value.tv_nsec = 1;
+    if (timerfd_settime(e->tfd, TFD_TIMER_ABSTIME, &its, NULL) < 0)
+        return -1;
+    e->armed = next;
+    return 0;
 }
 
 static void
@@ -944,14 +952,16 @@ Engine_run(EngineObject *self, PyObject *Py_UNUSED(ignored))
             engine_accept(self);
         } else if (tag == &TAG_TIMER) {
             uint64_t ticks;
-            (void)!read(self->tfd, &ticks, sizeof ticks); /* deadlines: below */
+            if (read(self->tfd, &ticks, sizeof ticks) == sizeof ticks)
+                self->armed = 0; /* went off; deadlines: below */
         } else {
             conn_event(self, (Conn *)tag, events[i].events);
         }
     }
     if (!self->close_pending) {
-        engine_expire(self, monotonic());
-        if (engine_rearm(self) < 0) {
+        double now = monotonic();
+        engine_expire(self, now);
+        if (engine_rearm(self, now) < 0) {
             self->in_run = 0;
             return PyErr_SetFromErrno(PyExc_OSError);
         }

@@ -42,6 +42,17 @@ def test_same_keys_make_unlinkable_cookies() -> None:
     assert a != b and a[4:] != b[4:]
 
 
+def test_seal_many_makes_the_cookies_seal_makes() -> None:
+    ring = KeyRing([key(1, 0)])
+    nonces = os.urandom(16 * 8)
+    many = ring.seal_many(KEYS, nonces)
+    assert many == [ring.seal(KEYS, nonces[i : i + 16]) for i in range(0, 128, 16)]
+    assert all(ring.open(c) == KEYS for c in many) and len(set(many)) == 8
+    for bad in (b"", os.urandom(15), os.urandom(33)):
+        with pytest.raises(ValueError, match="16 bytes each"):
+            ring.seal_many(KEYS, bad)
+
+
 def test_due_for_rotation() -> None:
     ring = KeyRing([key(1, 100)])
     assert not ring.due(150, 100)

@@ -110,6 +110,21 @@ class KeyRing:
         plaintext = _PLAIN_HEADER.pack(keys.aead_id, 0) + keys.c2s + keys.s2c
         return prefix + nonce + self._aeads[current.key_id].seal(nonce, plaintext, prefix)
 
+    def seal_many(self, keys: CookieKeys, nonces: bytes) -> list[bytes]:
+        """One cookie per 16-byte nonce in ``nonces``, as :meth:`seal` makes them
+        (the key lookup and the plaintext are done once for all)."""
+        if not nonces or len(nonces) % COOKIE_NONCE_LEN:
+            raise ValueError("cookie nonces must be 16 bytes each")
+        current = self.current
+        prefix = _PREFIX.pack(current.key_id)
+        plaintext = _PLAIN_HEADER.pack(keys.aead_id, 0) + keys.c2s + keys.s2c
+        seal = self._aeads[current.key_id].seal
+        out = []
+        for at in range(0, len(nonces), COOKIE_NONCE_LEN):
+            nonce = nonces[at : at + COOKIE_NONCE_LEN]
+            out.append(prefix + nonce + seal(nonce, plaintext, prefix))
+        return out
+
     def open(self, cookie: bytes) -> CookieKeys:
         """The keys inside ``cookie``.
 

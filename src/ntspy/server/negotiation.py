@@ -58,11 +58,7 @@ def negotiate(
     s2c = export(ke.EXPORTER_LABEL, key_len, ke.exporter_context_for(aead_id, True, compliant))
     keys = CookieKeys(aead_id, c2s, s2c)
     # One call for all the nonces: each call of os.urandom is a system call.
-    nonces = random_bytes(COOKIE_NONCE_LEN * COOKIES_PER_KE)
-    cookies = [
-        keyring.seal(keys, nonces[at : at + COOKIE_NONCE_LEN])
-        for at in range(0, len(nonces), COOKIE_NONCE_LEN)
-    ]
+    cookies = keyring.seal_many(keys, random_bytes(COOKIE_NONCE_LEN * COOKIES_PER_KE))
     response = ke.build_server_response(
         aead_id,
         cookies,
