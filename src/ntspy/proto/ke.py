@@ -45,6 +45,7 @@ least 1024), so one cap of 64 KiB serves both directions.
 """
 
 _HEADER = struct.Struct("!HH")
+RECORD_HEADER_LEN = _HEADER.size
 _CRITICAL_BIT = 0x8000
 _MAX_TYPE = 0x7FFF
 _MAX_BODY = 0xFFFF
@@ -105,6 +106,11 @@ class Record:
     def encode(self) -> bytes:
         """Wire form of this record."""
         return encode_record(self.type, self.body, self.critical)
+
+
+def record_header(rtype: int, length: int, critical: bool = False) -> bytes:
+    """The 4-byte header of a record of type ``rtype`` with a ``length``-byte body."""
+    return _HEADER.pack(rtype | (_CRITICAL_BIT if critical else 0), length)
 
 
 def encode_record(rtype: int, body: bytes = b"", critical: bool = False) -> bytes:

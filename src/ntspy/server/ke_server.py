@@ -40,7 +40,7 @@ from ..errors import KeProtocolError, NtsError
 from ..net.tls import HAVE_NATIVE_KE, NTSKE_ALPN, ServerContexts, ServerTls, handshake_error
 from ..proto import ke
 from ..proto.cookies import KeyRing
-from .negotiation import KePolicy, negotiate
+from .negotiation import KePolicy, Negotiator, negotiate
 from .ratelimit import RateLimiter, Verdict
 from .stats import ServerStats
 
@@ -86,6 +86,7 @@ class KeServer:
         self.handshake_timeout = handshake_timeout
         self.request_timeout = request_timeout
         self.use_native = use_native  # False: always the asyncio path
+        self.negotiator = Negotiator(policy, keyring, random_bytes)
         self._protocols_active = 0
         self._servers: list[asyncio.Server] = []
         self._listeners: list[_NativeListener] = []
@@ -491,15 +492,10 @@ class _NativeListener:
         return False
 
     def on_request(self, data: bytes, eof: bool) -> bytes:
+        # ``eof``: the client ended the stream; the message must be whole anyway.
         server = self.server
         try:
-            reader = ke.RecordReader()
-            records = reader.feed(data)
-            if not reader.done:
-                reader.eof()  # raises: the stream ended before End of Message
-            outcome = negotiate(
-                records, server.policy, server.keyring, self.engine.export, server.random_bytes,
-            )
+            outcome = server.negotiator.answer(data, self.engine.export)
         except KeProtocolError as exc:
             server.stats.add("ke_errors")
             log.info("NTS-KE from %s: %s", self.engine.peer(), exc)
