@@ -9,8 +9,9 @@ one throwaway CA and one P-256 server certificate shared by both servers.
 Each server runs pinned to CPU 0 (``taskset -c 0``), this script and its load
 generator to CPU 1.  The servers take turns (chronyd, ntspy with 1 worker,
 ntspy with 2 workers, and again, ``--rounds`` times), each freshly started,
-and the table shows the median over the rounds.  Every process started here
-is ended by its PID.
+and the table shows the median over the rounds.  For NTS-KE CPU, each round
+starts all of them at once and they take turns in eight short batches (see
+measure_ke).  Every process started here is ended by its PID.
 """
 
 from __future__ import annotations
@@ -257,13 +258,41 @@ def measure_load(server: Server, ca: Path, nts: bool, s: Settings) -> dict[str, 
     }
 
 
-def measure_ke(server: Server, ca: Path, s: Settings) -> dict[str, float]:
-    before = cpu_seconds(server.pid)
-    run = loadgen.ke_handshakes("localhost", server.ke_port, ca, s.handshakes)
-    cpu = cpu_seconds(server.pid) - before
-    if run.failed:
-        raise RuntimeError(f"{server.name}: {run.failed} NTS-KE failed: {run.first_error}")
-    return {"cpu_ms": 1000 * cpu / run.ok, "per_s": run.ok / run.seconds}
+KE_SLICES = 8  # NTS-KE batches per server and round, the servers taking turns
+KE_WARMUP = 20  # handshakes per server before measuring (first-use set-up)
+
+
+def measure_ke(work: Path, pki: Path, s: Settings) -> dict[str, dict[str, float]]:
+    """NTS-KE server CPU per handshake of every variant, side by side.
+
+    All the servers run at once (idle ones cost nothing) and take turns in
+    KE_SLICES batches of ``handshakes / KE_SLICES``, in alternating order:
+    the host's noise here drifts over seconds, and this gives every server
+    the same share of it, where one long batch each would not.
+    """
+    ca = pki / "ca.pem"
+    batch = max(1, s.handshakes // KE_SLICES)
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(running(name, work, pki, s)) for name in s.variants]
+        cpu = dict.fromkeys(s.variants, 0.0)
+        done = dict.fromkeys(s.variants, 0)
+        seconds = dict.fromkeys(s.variants, 0.0)
+        for server in servers:
+            loadgen.ke_handshakes("localhost", server.ke_port, ca, KE_WARMUP)
+        for turn in range(KE_SLICES):
+            for server in servers if turn % 2 == 0 else servers[::-1]:
+                before = cpu_seconds(server.pid)
+                run = loadgen.ke_handshakes("localhost", server.ke_port, ca, batch)
+                cpu[server.name] += cpu_seconds(server.pid) - before
+                if run.failed:
+                    raise RuntimeError(f"{server.name}: {run.failed} NTS-KE failed: "
+                                       f"{run.first_error}")
+                done[server.name] += run.ok
+                seconds[server.name] += run.seconds
+    return {
+        name: {"ke_cpu_ms": 1000 * cpu[name] / done[name], "ke_per_s": done[name] / seconds[name]}
+        for name in s.variants
+    }
 
 
 def _timed(argv: list[str], ok: Callable[[str], bool]) -> float:
@@ -309,8 +338,6 @@ def measure_round(server: Server, pki: Path, work: Path, s: Settings,
     rss = peak_rss_mib(server.pid)
     out["rss_max"] = max(rss)
     out["pss_sum"] = pss_mib(server.pid)
-    for key, value in measure_ke(server, ca, s).items():
-        out[f"ke_{key}"] = value
     out["q_ntspy"] = statistics.median(ntspy_query(server, ca) for _ in range(s.queries))
     out["q_chronyd1"] = statistics.median(
         chronyd_query(server, ca, work, True) for _ in range(s.queries)
@@ -500,9 +527,14 @@ def main(argv: list[str] | None = None) -> int:
                 results[name].append(r)
                 print(f"round {rnd + 1}/{s.rounds} {name:8}: NTP {r['ntp_rate']:>9,.0f}/s "
                       f"(server CPU {r['ntp_server_cpu_busy']:.0%})  NTS {r['nts_rate']:>9,.0f}/s "
-                      f"(server CPU {r['nts_server_cpu_busy']:.0%})  KE {r['ke_cpu_ms']:.3f} "
-                      f"ms  RSS {r['rss_max']:.1f} MiB  query {r['q_ntspy']:.3f} s",
+                      f"(server CPU {r['nts_server_cpu_busy']:.0%})  "
+                      f"RSS {r['rss_max']:.1f} MiB  query {r['q_ntspy']:.3f} s",
                       flush=True)
+            ke = measure_ke(work, pki, s)
+            for name in s.variants:
+                results[name][-1].update(ke[name])
+            print(f"round {rnd + 1}/{s.rounds} NTS-KE ms/handshake: " + "  ".join(
+                f"{name} {ke[name]['ke_cpu_ms']:.3f}" for name in s.variants), flush=True)
     med = medians(results)
     print()
     print(render(med, s.variants))
