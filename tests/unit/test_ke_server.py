@@ -11,6 +11,10 @@ import contextlib
 import os
 import socket
 import ssl
+import subprocess
+import sys
+import textwrap
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -346,3 +350,82 @@ async def test_reloaded_certificates_serve_the_next_connections(
     finally:
         await server.close()
     assert stats.get("ke_completed") == 1
+
+
+# A KeServer in a process of its own whose descriptor limit leaves room for
+# only three connections; stdin closing ends it.
+_FD_STARVED_SERVER = textwrap.dedent("""
+    import asyncio, os, resource, sys
+    from datetime import UTC, datetime
+    from pathlib import Path
+    from ntspy.net.tls import ServerContexts
+    from ntspy.proto.aead import AeadId
+    from ntspy.proto.cookies import KeyRing, MasterKey
+    from ntspy.server.ke_server import KeServer
+    from ntspy.server.negotiation import KePolicy
+    from ntspy.server.stats import StatsTable
+
+    async def main():
+        cert, key, native = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+        contexts = ServerContexts([(cert, key)], datetime.now(UTC))
+        server = KeServer(contexts, KeyRing([MasterKey(1, os.urandom(32), 0)]),
+                          KePolicy([AeadId.AES_SIV_CMAC_256]), StatsTable().row(),
+                          handshake_timeout=60, use_native=native)
+        assert server.native == native
+        await server.start("127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        loop.add_reader(0, lambda: done.done() or done.set_result(None))
+        open_fds = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_fds + 3, open_fds + 3))
+        print(server.addresses[0][1], flush=True)
+        await done
+        await server.close()
+
+    asyncio.run(main())
+""")
+
+
+async def test_running_out_of_descriptors_does_not_stop_the_server(
+    pki: CertPaths, backend: str
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FD_STARVED_SERVER, str(pki.server_cert), str(pki.server_key),
+         "1" if backend == "compiled" else "0"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(await asyncio.to_thread(proc.stdout.readline))
+        # Ten silent connections: three fit, then accept() fails with EMFILE.
+        held = [socket.create_connection((LOOPBACK, port)) for _ in range(10)]
+        await asyncio.sleep(0.5)
+        assert proc.poll() is None
+        for conn in held:
+            conn.close()
+        # Once descriptors are free again (the pause after EMFILE is 1 s), it serves.
+        trust = TrustConfig(use_system_store=False, extra=[pki.ca_cert])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                result = await key_exchange(LOOPBACK, port, trust=trust, server_name="localhost",
+                                            aeads=[AeadId.AES_SIV_CMAC_256], timeout=3)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        assert len(result.cookies) == COOKIES_PER_KE
+        assert proc.poll() is None
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.stderr is not None
+    log = proc.stderr.read().decode(errors="replace")
+    assert proc.returncode == 0, log
+    assert "Traceback" not in log

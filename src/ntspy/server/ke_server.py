@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -88,7 +89,7 @@ class KeServer:
         self.use_native = use_native  # False: always the asyncio path
         self.negotiator = Negotiator(policy, keyring, random_bytes)
         self._protocols_active = 0
-        self._servers: list[asyncio.Server] = []
+        self._acceptors: list[_Acceptor] = []
         self._listeners: list[_NativeListener] = []
         self._live: set[KeServerProtocol] = set()
         # Every read lands here and is handed to OpenSSL at once, so one
@@ -112,19 +113,15 @@ class KeServer:
             for listening in [sock] if sock is not None else _listen(host, port):
                 self._listeners.append(_NativeListener(self, listening, loop))
             return
-        if sock is not None:
-            server = await loop.create_server(self._protocol, sock=sock)
-        else:
-            server = await loop.create_server(self._protocol, host, port, reuse_address=True)
-        self._servers.append(server)
+        for listening in [sock] if sock is not None else _listen(host, port):
+            self._acceptors.append(_Acceptor(self, listening, loop))
 
     def _protocol(self) -> KeServerProtocol:
         return KeServerProtocol(self)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        socks = [s for srv in self._servers for s in srv.sockets]
-        socks += [li.sock for li in self._listeners]
+        socks = [a.sock for a in self._acceptors] + [li.sock for li in self._listeners]
         return [s.getsockname()[:2] for s in socks]
 
     def certificates_reloaded(self) -> None:
@@ -142,12 +139,12 @@ class KeServer:
         for listener in self._listeners:
             listener.close()
         self._listeners.clear()
-        for srv in self._servers:
-            srv.close()
+        for acceptor in self._acceptors:
+            acceptor.close()
+        self._acceptors.clear()
         for proto in list(self._live):
             proto.abort("server shutting down")
-        for srv in self._servers:
-            await srv.wait_closed()
+        await asyncio.sleep(0)  # let the transports run their connection_lost
 
     def admit(self, address: str) -> bool:
         """Whether a new connection from ``address`` may be served (cap and rate)."""
@@ -155,6 +152,73 @@ class KeServer:
             return False
         limiter = self.ratelimit
         return limiter is None or limiter.check(address, time.monotonic_ns()) is Verdict.PASS
+
+
+# accept() errors that mean "out of descriptors or memory for now"
+_RESOURCE_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_PAUSE = 1.0  # seconds without accept() after one of them
+ACCEPTS_PER_WAKE = 64
+
+
+class _Acceptor:
+    """The asyncio path's accept loop on one listening socket.
+
+    Not ``loop.create_server``: after EMFILE, Python 3.11's accept loop keeps
+    calling accept() and re-schedules itself once per try (CPython
+    gh-151615), and under that storm our server stopped answering.  Here one
+    resource error stops accepting for :data:`ACCEPT_PAUSE` seconds.
+    """
+
+    __slots__ = ("_retry", "_tasks", "loop", "server", "sock")
+
+    def __init__(self, server: KeServer, sock: socket.socket, loop: asyncio.AbstractEventLoop):
+        sock.setblocking(False)
+        self.server = server
+        self.sock = sock
+        self.loop = loop
+        self._retry: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        for _ in range(ACCEPTS_PER_WAKE):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRORS:
+                    log.warning("NTS-KE server cannot accept connections (%s); pausing %g s",
+                                exc.strerror, ACCEPT_PAUSE)
+                    self.loop.remove_reader(self.sock.fileno())
+                    self._retry = self.loop.call_later(ACCEPT_PAUSE, self._resume)
+                else:
+                    log.error("NTS-KE server: accept() failed: %s", exc)
+                return
+            task = self.loop.create_task(self._connect(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.server._protocol, conn)
+        except OSError:  # the client left before its transport was made
+            conn.close()
+
+    def _resume(self) -> None:
+        self._retry = None
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+
+    def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+        else:
+            self.loop.remove_reader(self.sock.fileno())
+        for task in self._tasks:
+            task.cancel()
+        self.sock.close()
 
 
 class KeServerProtocol(asyncio.BufferedProtocol):
