@@ -260,6 +260,7 @@ typedef struct Conn {
     TlsContextObject *tls; /* strong reference: the SNI callback reads it */
     unsigned char *req;
     size_t req_len, req_cap;
+    size_t scanned; /* request bytes already seen to be whole records */
     unsigned char *out; /* TLS bytes the socket did not take yet */
     size_t out_len, out_off;
     struct sockaddr_storage peer;
@@ -514,11 +515,12 @@ conn_flush(EngineObject *e, Conn *c)
 }
 
 /* Whether the request bytes hold a whole KE message (End of Message seen), or
- * more than a message may hold: either way Python gets it now. */
+ * more than a message may hold: either way Python gets it now.  Scanning goes
+ * on where it stopped, so a request trickling in costs linear time. */
 static int
-message_ready(const Conn *c)
+message_ready(Conn *c)
 {
-    size_t pos = 0;
+    size_t pos = c->scanned;
     if (c->req_len > MAX_MESSAGE)
         return 1;
     while (c->req_len - pos >= 4) {
@@ -531,7 +533,7 @@ message_ready(const Conn *c)
             return 0;
         if (type == 0)
             return 1;
-        pos = end;
+        pos = c->scanned = end;
     }
     return 0;
 }
