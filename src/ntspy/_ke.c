@@ -863,6 +863,11 @@ engine_close_all(EngineObject *e)
     if (e->tfd >= 0)
         close(e->tfd);
     e->epfd = e->tfd = -1;
+    /* The callbacks are usually bound methods of the object that owns this
+     * engine: letting go of them breaks that reference cycle. */
+    Py_CLEAR(e->on_accept);
+    Py_CLEAR(e->on_request);
+    Py_CLEAR(e->on_failed);
 }
 
 /* ------------------------------------------------------------------------ */
