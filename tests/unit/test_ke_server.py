@@ -325,6 +325,23 @@ async def test_server_picks_aes128_gcm_whatever_the_client_prefers(pki: CertPath
         writer.close()
 
 
+@pytest.mark.parametrize("group", ["X25519", "prime256v1", "secp384r1"])
+async def test_a_client_offering_a_single_group_is_served(pki: CertPaths, group: str) -> None:
+    # P-384 alone means a HelloRetryRequest from a server preferring X25519.
+    async with ke_server(pki) as srv:
+        ctx = srv.client_context()
+        ctx.set_ecdh_curve(group)
+        reader, writer = await asyncio.open_connection(
+            LOOPBACK, srv.port, ssl=ctx, server_hostname="localhost"
+        )
+        writer.write(REQUEST)
+        response = await read_all(reader)
+        writer.close()
+        got = ke.parse_server_response(ke.parse_records(response), [AeadId.AES_SIV_CMAC_256])
+        assert len(got.cookies) == COOKIES_PER_KE
+        expect(await srv.settled(), ke_accepted=1, ke_completed=1)
+
+
 async def test_reloaded_certificates_serve_the_next_connections(
     pki: CertPaths, tmp_path: Path
 ) -> None:
