@@ -5,10 +5,11 @@
  * Why: with asyncio transports and pyOpenSSL, Python code around the TLS
  * work was about half of a key exchange's CPU time (docs/performance.md).
  * Here one engine per listening socket keeps its own epoll set (the
- * listening socket, every connection and a timerfd for the deadlines); the
- * asyncio loop watches only that epoll descriptor and calls Engine.run()
- * when something is ready.  Python still decides everything that is NTS:
- * for each connection C calls back
+ * listening socket, every connection, a timerfd for the deadlines and an
+ * eventfd to stop it) and its own thread, which waits in epoll_wait without
+ * the GIL and takes it only to handle what is ready; asyncio's event loop is
+ * not involved (its wake-ups were 5-8% of a key exchange).  Python still
+ * decides everything that is NTS: for each connection C calls back
  *
  *   on_accept(host) -> bool         admit or drop (counters, cap, ntsratelimit)
  *   on_request(data, eof) -> bytes  the KE request bytes -> the answer
@@ -23,7 +24,9 @@
  * no session tickets, X25519 preferred, certificate chosen by SNI.  The module
  * is optional: without it (or with NTSPY_NO_ACCEL=1) the asyncio path serves.
  *
- * Everything runs with the GIL held, on the event loop's thread.
+ * The callbacks run on the engine's thread.  All engine state is touched only
+ * with the GIL held; close() (from another thread) wakes the engine's thread
+ * through the eventfd and joins it before it frees anything.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -38,7 +41,11 @@
 #include <netinet/tcp.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/eventfd.h>
 #include <sys/timerfd.h>
+
+#include <pthread.h>
+#include <signal.h>
 
 #include <openssl/err.h>
 #include <openssl/pem.h>
@@ -281,11 +288,15 @@ typedef struct {
     int active;
     double accept_paused_until;
     double armed; /* when the timerfd goes off (0: not armed) */
-    int in_run, close_pending, closed;
+    int closed;
+    int running;           /* the engine thread is up (and holds a reference) */
+    volatile int stopping; /* set by close() before it wakes and joins the thread */
+    int wake_fd;           /* eventfd in the epoll set: close() wakes the thread */
+    pthread_t thread;
 } EngineObject;
 
-/* epoll tags for the two non-connection descriptors */
-static char TAG_LISTEN, TAG_TIMER;
+/* epoll tags for the non-connection descriptors */
+static char TAG_LISTEN, TAG_TIMER, TAG_WAKE;
 
 static int
 select_alpn(SSL *ssl, const unsigned char **out, unsigned char *outlen,
@@ -766,7 +777,7 @@ engine_expire(EngineObject *e, double now)
 static void
 engine_accept(EngineObject *e)
 {
-    for (int i = 0; i < ACCEPTS_PER_RUN && !e->close_pending; i++) {
+    for (int i = 0; i < ACCEPTS_PER_RUN; i++) {
         struct sockaddr_storage peer;
         socklen_t peer_len = sizeof peer;
         int fd = accept4(e->lfd, (struct sockaddr *)&peer, &peer_len, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -805,7 +816,7 @@ engine_accept(EngineObject *e)
             PyErr_WriteUnraisable(e->on_accept);
         int admitted = ok != NULL && PyObject_IsTrue(ok) == 1;
         Py_XDECREF(ok);
-        if (!admitted || e->close_pending) {
+        if (!admitted) {
             conn_free(e, c); /* dropped at the door */
             continue;
         }
@@ -845,7 +856,6 @@ engine_accept(EngineObject *e)
 static void
 engine_close_all(EngineObject *e)
 {
-    e->close_pending = 0;
     if (e->closed)
         return;
     e->closed = 1;
@@ -885,7 +895,7 @@ Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "Engine is already initialised");
         return -1;
     }
-    self->epfd = self->tfd = -1;
+    self->epfd = self->tfd = self->wake_fd = -1;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO!OOOdd:Engine", kwlist, &lfd,
                                      &TlsContextType, &tls, &on_accept, &on_request,
                                      &on_failed, &hs, &rq))
@@ -907,10 +917,14 @@ Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
     self->on_failed = on_failed;
     self->epfd = epoll_create1(EPOLL_CLOEXEC);
     self->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    self->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     struct epoll_event lev = {.events = EPOLLIN, .data.ptr = &TAG_LISTEN};
     struct epoll_event tev = {.events = EPOLLIN, .data.ptr = &TAG_TIMER};
-    if (self->epfd < 0 || self->tfd < 0 || epoll_ctl(self->epfd, EPOLL_CTL_ADD, lfd, &lev) < 0 ||
-        epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->tfd, &tev) < 0) {
+    struct epoll_event wev = {.events = EPOLLIN, .data.ptr = &TAG_WAKE};
+    if (self->epfd < 0 || self->tfd < 0 || self->wake_fd < 0 ||
+        epoll_ctl(self->epfd, EPOLL_CTL_ADD, lfd, &lev) < 0 ||
+        epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->tfd, &tev) < 0 ||
+        epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->wake_fd, &wev) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
@@ -934,6 +948,8 @@ Engine_dealloc(EngineObject *self)
         if (self->tfd > 0)
             close(self->tfd);
     }
+    if (self->wake_fd > 0)
+        close(self->wake_fd);
     Py_XDECREF(self->tls);
     Py_XDECREF(self->on_accept);
     Py_XDECREF(self->on_request);
@@ -941,60 +957,102 @@ Engine_dealloc(EngineObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *
-Engine_run(EngineObject *self, PyObject *Py_UNUSED(ignored))
+/* Handle one batch of epoll events (with the GIL). */
+static void
+engine_process(EngineObject *e, struct epoll_event *events, int n)
 {
-    struct epoll_event events[EVENTS_PER_RUN];
-    if (self->closed || self->in_run)
-        Py_RETURN_NONE;
-    self->in_run = 1;
-    int n = epoll_wait(self->epfd, events, EVENTS_PER_RUN, 0);
-    /* A connection failed while handling an earlier event of this batch
-     * cannot appear later in it: each fd has one event per epoll_wait, and
-     * only the connection being handled (or, through close(), all of them,
-     * which is deferred until the batch is over) is ever freed. */
-    for (int i = 0; i < n && !self->close_pending; i++) {
+    /* A connection freed while handling an event cannot show up later in
+     * the same batch: each descriptor has one event per epoll_wait, and only
+     * the connection being handled is ever freed here. */
+    for (int i = 0; i < n; i++) {
         void *tag = events[i].data.ptr;
         if (tag == &TAG_LISTEN) {
-            engine_accept(self);
+            engine_accept(e);
         } else if (tag == &TAG_TIMER) {
             uint64_t ticks;
-            if (read(self->tfd, &ticks, sizeof ticks) == sizeof ticks)
-                self->armed = 0; /* went off; deadlines: below */
-        } else {
-            conn_event(self, (Conn *)tag, events[i].events);
+            if (read(e->tfd, &ticks, sizeof ticks) == sizeof ticks)
+                e->armed = 0; /* went off; deadlines: below */
+        } else if (tag != &TAG_WAKE) {
+            conn_event(e, (Conn *)tag, events[i].events);
         }
     }
-    if (!self->close_pending) {
-        double now = monotonic();
-        engine_expire(self, now);
-        if (engine_rearm(self, now) < 0) {
-            self->in_run = 0;
-            return PyErr_SetFromErrno(PyExc_OSError);
-        }
+    double now = monotonic();
+    engine_expire(e, now);
+    (void)engine_rearm(e, now); /* cannot fail with a valid timerfd */
+}
+
+/* The engine's thread: waits in epoll_wait without the GIL, takes it to
+ * handle what is ready.  Signals stay with Python's main thread. */
+static void *
+engine_thread(void *arg)
+{
+    EngineObject *e = arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    PyGILState_STATE gil = PyGILState_Ensure(); /* this thread's Python state */
+    PyThreadState *ts = PyEval_SaveThread();
+    struct epoll_event events[EVENTS_PER_RUN];
+    for (;;) {
+        int n = epoll_wait(e->epfd, events, EVENTS_PER_RUN, -1);
+        int failed = n < 0 && errno != EINTR;
+        PyEval_RestoreThread(ts);
+        if (e->stopping || failed)
+            break;
+        if (n > 0)
+            engine_process(e, events, n);
+        ts = PyEval_SaveThread();
     }
-    self->in_run = 0;
-    if (self->close_pending)
-        engine_close_all(self);
+    PyGILState_Release(gil);
+    return NULL;
+}
+
+static PyObject *
+Engine_start(EngineObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->closed || self->running || self->epfd < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the engine is closed or already started");
+        return NULL;
+    }
+    Py_INCREF(self); /* the thread's reference, given back by close() */
+    self->running = 1;
+    int err = pthread_create(&self->thread, NULL, engine_thread, self);
+    if (err != 0) {
+        self->running = 0;
+        Py_DECREF(self);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
     Py_RETURN_NONE;
 }
 
 static PyObject *
 Engine_close(EngineObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->in_run)
-        self->close_pending = 1; /* after the current batch (see run) */
-    else
-        engine_close_all(self);
-    if (self->current != NULL)
-        self->current = NULL;
+    if (self->running) {
+        if (pthread_equal(pthread_self(), self->thread)) {
+            PyErr_SetString(PyExc_RuntimeError, "close() from the engine's own callbacks");
+            return NULL;
+        }
+        self->stopping = 1;
+        uint64_t one = 1;
+        (void)!write(self->wake_fd, &one, sizeof one);
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(self->thread, NULL);
+        Py_END_ALLOW_THREADS
+        self->running = 0;
+    }
+    self->current = NULL;
+    engine_close_all(self);
+    if (self->wake_fd >= 0) {
+        close(self->wake_fd);
+        self->wake_fd = -1;
+    }
+    if (self->stopping) {
+        self->stopping = 0;
+        Py_DECREF(self); /* the thread's; the caller still holds one */
+    }
     Py_RETURN_NONE;
-}
-
-static PyObject *
-Engine_fileno(EngineObject *self, PyObject *Py_UNUSED(ignored))
-{
-    return PyLong_FromLong(self->epfd);
 }
 
 static PyObject *
@@ -1061,13 +1119,12 @@ Engine_get_active(EngineObject *self, void *closure)
 }
 
 static PyMethodDef Engine_methods[] = {
-    {"run", (PyCFunction)Engine_run, METH_NOARGS,
-     PyDoc_STR("Handle whatever is ready (call when fileno() is readable).")},
+    {"start", (PyCFunction)Engine_start, METH_NOARGS,
+     PyDoc_STR("Start serving in a thread of the engine's own, which holds the GIL "
+               "only while it handles ready connections and calls back.")},
     {"close", (PyCFunction)Engine_close, METH_NOARGS,
-     PyDoc_STR("Cut every open connection (reported as 'shutdown') and release the epoll "
-               "set; the listening socket stays the caller's.")},
-    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS,
-     PyDoc_STR("The epoll descriptor for the event loop to watch.")},
+     PyDoc_STR("Stop the thread, cut every open connection (reported as 'shutdown') "
+               "and release the epoll set; the listening socket stays the caller's.")},
     {"export", (PyCFunction)Engine_export, METH_VARARGS,
      PyDoc_STR("export(label, length, context): RFC 5705/8446 exporter of the connection "
                "being answered (only inside on_request).")},

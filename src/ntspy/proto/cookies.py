@@ -60,65 +60,81 @@ def cookie_length(aead_id: int) -> int:
 
 
 class KeyRing:
-    """Master keys, newest first. Only the newest seals; all of them open."""
+    """Master keys, newest first. Only the newest seals; all of them open.
+
+    The keys and their AEAD objects live in one tuple that every change
+    replaces whole, so a reader in another thread (the NTS-KE engine's)
+    sees the ring before or after a rotation, never half of one.
+    """
 
     def __init__(self, keys: Iterable[MasterKey] = (), kept: int = DEFAULT_KEPT_KEYS) -> None:
         if kept < 1:
             raise ValueError("a key ring keeps at least one key")
         self.kept = kept
-        self._keys: list[MasterKey] = []
-        self._aeads: dict[int, Aead] = {}
+        self._ring: tuple[tuple[MasterKey, ...], dict[int, Aead]] = ((), {})
         self.replace(keys)
 
     def replace(self, keys: Iterable[MasterKey]) -> None:
         """Swap in a new set of keys (e.g. reloaded from disk), keeping this object."""
-        self._keys.clear()
-        self._aeads.clear()
-        for key in sorted(keys, key=lambda k: k.created):
-            self.add(key)
+        ordered: list[MasterKey] = []
+        # Newest first; of keys made in the same second, the later one listed.
+        for key in reversed(sorted(keys, key=lambda k: k.created)):
+            if any(k.key_id == key.key_id for k in ordered):
+                raise ValueError(f"key id {key.key_id:08x} already in the ring")
+            ordered.append(key)
+        kept = tuple(ordered[: self.kept])
+        self._ring = (kept, {k.key_id: Aead(MASTER_KEY_ALGORITHM, k.key) for k in kept})
 
     @property
     def keys(self) -> list[MasterKey]:
-        return list(self._keys)
+        return list(self._ring[0])
 
     @property
     def current(self) -> MasterKey:
-        if not self._keys:
+        keys = self._ring[0]
+        if not keys:
             raise LookupError("key ring is empty")
-        return self._keys[0]
+        return keys[0]
 
     def add(self, key: MasterKey) -> None:
         """Make ``key`` the current key; the oldest beyond ``kept`` are forgotten."""
-        if key.key_id in self._aeads:
+        keys, aeads = self._ring
+        if key.key_id in aeads:
             raise ValueError(f"key id {key.key_id:08x} already in the ring")
-        self._keys.insert(0, key)
-        self._aeads[key.key_id] = Aead(MASTER_KEY_ALGORITHM, key.key)
-        for old in self._keys[self.kept:]:
-            del self._aeads[old.key_id]
-        del self._keys[self.kept:]
+        kept = (key, *keys)[: self.kept]
+        new = {key.key_id: Aead(MASTER_KEY_ALGORITHM, key.key)}
+        new.update((k.key_id, aeads[k.key_id]) for k in kept[1:])
+        self._ring = (kept, new)
+
+    def _current(self) -> tuple[MasterKey, Aead]:
+        keys, aeads = self._ring
+        if not keys:
+            raise LookupError("key ring is empty")
+        return keys[0], aeads[keys[0].key_id]
 
     def due(self, now: int, interval: int) -> bool:
         """Whether the current key is older than ``interval`` seconds (0 = never)."""
-        return not self._keys or (interval > 0 and now - self.current.created >= interval)
+        keys = self._ring[0]
+        return not keys or (interval > 0 and now - keys[0].created >= interval)
 
     def seal(self, keys: CookieKeys, nonce: bytes) -> bytes:
         """A new cookie for ``keys`` under the current master key."""
         if len(nonce) != COOKIE_NONCE_LEN:
             raise ValueError("cookie nonce must be 16 bytes")
-        current = self.current
+        current, aead = self._current()
         prefix = _PREFIX.pack(current.key_id)
         plaintext = _PLAIN_HEADER.pack(keys.aead_id, 0) + keys.c2s + keys.s2c
-        return prefix + nonce + self._aeads[current.key_id].seal(nonce, plaintext, prefix)
+        return prefix + nonce + aead.seal(nonce, plaintext, prefix)
 
     def seal_many(self, keys: CookieKeys, nonces: bytes) -> list[bytes]:
         """One cookie per 16-byte nonce in ``nonces``, as :meth:`seal` makes them
         (the key lookup and the plaintext are done once for all)."""
         if not nonces or len(nonces) % COOKIE_NONCE_LEN:
             raise ValueError("cookie nonces must be 16 bytes each")
-        current = self.current
+        current, aead = self._current()
         prefix = _PREFIX.pack(current.key_id)
         plaintext = _PLAIN_HEADER.pack(keys.aead_id, 0) + keys.c2s + keys.s2c
-        seal = self._aeads[current.key_id].seal
+        seal = aead.seal
         out = []
         for at in range(0, len(nonces), COOKIE_NONCE_LEN):
             nonce = nonces[at : at + COOKIE_NONCE_LEN]
@@ -136,7 +152,7 @@ class KeyRing:
         if len(cookie) < head + _PLAIN_HEADER.size + _TAG_LEN:
             raise MalformedPacket(f"cookie too short ({len(cookie)} bytes)")
         (key_id,) = _PREFIX.unpack_from(cookie, 0)
-        aead = self._aeads.get(key_id)
+        aead = self._ring[1].get(key_id)
         if aead is None:
             raise AuthenticationFailure(f"cookie under unknown master key {key_id:08x}")
         plaintext = aead.open(cookie[_PREFIX.size:head], cookie[head:], cookie[:_PREFIX.size])

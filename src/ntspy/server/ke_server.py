@@ -111,7 +111,7 @@ class KeServer:
         loop = asyncio.get_running_loop()
         if self.native:
             for listening in [sock] if sock is not None else _listen(host, port):
-                self._listeners.append(_NativeListener(self, listening, loop))
+                self._listeners.append(_NativeListener(self, listening))
             return
         for listening in [sock] if sock is not None else _listen(host, port):
             self._acceptors.append(_Acceptor(self, listening, loop))
@@ -515,14 +515,14 @@ class _NativeListener:
 
     Every accepted connection gets exactly one of :meth:`on_request` and
     :meth:`on_failed` from the engine, so the counters add up as in the
-    asyncio path.
+    asyncio path.  The engine calls them on its own thread, holding the GIL:
+    they touch only the counters, the rate limiter, the key ring (replaced
+    whole on rotation) and the log.
     """
 
-    __slots__ = ("engine", "loop", "server", "sock")
+    __slots__ = ("engine", "server", "sock")
 
-    def __init__(
-        self, server: KeServer, sock: socket.socket, loop: asyncio.AbstractEventLoop
-    ) -> None:
+    def __init__(self, server: KeServer, sock: socket.socket) -> None:
         from .._ke import Engine
 
         native = server.contexts.native
@@ -530,16 +530,14 @@ class _NativeListener:
         sock.setblocking(False)
         self.server = server
         self.sock = sock
-        self.loop = loop
         self.engine = Engine(
             sock.fileno(), native, self.on_accept, self.on_request, self.on_failed,
             server.handshake_timeout, server.request_timeout,
         )
-        loop.add_reader(self.engine.fileno(), self.engine.run)
+        self.engine.start()
 
     def close(self) -> None:
-        self.loop.remove_reader(self.engine.fileno())
-        self.engine.close()
+        self.engine.close()  # stops and joins the engine's thread first
         self.sock.close()
 
     def on_accept(self, host: str) -> bool:
