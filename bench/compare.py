@@ -109,14 +109,30 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
+def _process_cpu_clock(pid: int) -> int:
+    """Linux's clock id for the CPU time of process ``pid`` (all its threads):
+    what ``clock_getcpuclockid(3)`` returns, which Python does not wrap."""
+    return ((~pid) << 3) | 2  # CPUCLOCK_SCHED of a whole process
+
+
 def cpu_seconds(root: int) -> float:
-    """utime + stime of the whole process tree, in seconds (10 ms resolution)."""
-    total = 0
+    """CPU time (user + system) of the whole process tree, in seconds.
+
+    The same total ``/proc/PID/stat`` gives as utime + stime, read through
+    each process's CPU clock to the nanosecond instead of in 10 ms ticks
+    (``/proc/PID/stat`` where that clock cannot be read).
+    """
+    total = 0.0
     for pid in process_tree(root):
+        try:
+            total += time.clock_gettime(_process_cpu_clock(pid))
+            continue
+        except OSError:
+            pass
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return total / CLK_TCK
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    return total
 
 
 def pss_mib(root: int) -> float:
@@ -459,6 +475,24 @@ def generator_summary(results: dict[str, list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def ke_summary(results: dict[str, list[dict[str, float]]]) -> str:
+    """NTS-KE compared round by round: each round measures all the servers in
+    the same minute, interleaved, so the per-round ratio cancels the host's
+    drift between rounds; their median is the paired comparison."""
+    base = results.get(CHRONYD_NAME, [])
+    lines = []
+    for name, rounds in results.items():
+        if name == CHRONYD_NAME:
+            continue
+        ratios = [r["ke_cpu_ms"] / b["ke_cpu_ms"] for r, b in zip(rounds, base, strict=True)
+                  if "ke_cpu_ms" in r and b.get("ke_cpu_ms")]
+        if ratios:
+            lines.append(f"NTS-KE CPU {name}/chronyd per round: "
+                         + " ".join(f"{x:.2f}" for x in ratios)
+                         + f"; median {statistics.median(ratios):.2f}x")
+    return "\n".join(lines)
+
+
 def query_summary(med: dict[str, dict[str, float]]) -> str:
     """``ntspy query`` against ``chronyd -Q``, both timed against the same servers."""
     lines = []
@@ -539,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(render(med, s.variants))
     print()
+    print(ke_summary(results))
     print(query_summary(med))
     print(generator_summary(results))
     print(f"\nloadavg after: {Path('/proc/loadavg').read_text().strip()}; "

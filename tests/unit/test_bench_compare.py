@@ -1,0 +1,87 @@
+"""bench/compare's measuring helpers: the CPU time it reads off other
+processes, and the round-by-round NTS-KE comparison it prints."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_compare() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_compare", ROOT / "bench" / "compare.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = _load_compare()
+
+BURN = """
+import sys, time
+end = time.process_time() + float(sys.argv[1])
+while time.process_time() < end:
+    pass
+print("burnt", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.fixture
+def burner() -> subprocess.Popen[str]:
+    """A child that burns 0.35 s of CPU, says so, then sleeps."""
+    proc = subprocess.Popen([sys.executable, "-c", BURN, "0.35"], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "burnt"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def _stat_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / compare.CLK_TCK
+
+
+def test_cpu_seconds_of_another_process_agrees_with_proc_stat(
+    burner: subprocess.Popen[str],
+) -> None:
+    measured = compare.cpu_seconds(burner.pid)
+    # the child burnt 0.35 s after starting an interpreter (tens of ms more)
+    assert 0.35 <= measured < 1.5
+    # the same total /proc/PID/stat has, there in 10 ms ticks
+    assert abs(measured - _stat_seconds(burner.pid)) < 0.05
+    # but finer than a tick (a multiple of 10 ms to the microsecond: odds 1 in 5000)
+    assert abs(measured * 100 - round(measured * 100)) > 1e-4
+    # and an idle process's figure does not move
+    time.sleep(0.05)
+    assert compare.cpu_seconds(burner.pid) - measured < 0.005
+
+
+def test_cpu_seconds_counts_the_children_too(burner: subprocess.Popen[str]) -> None:
+    child = compare.cpu_seconds(burner.pid)
+    own = time.process_time()
+    # this test process is the root of a tree holding the burner
+    assert compare.cpu_seconds(os.getpid()) >= own + child - 0.01
+
+
+def test_ke_summary_gives_the_median_of_the_per_round_ratios() -> None:
+    results = {
+        "chronyd": [{"ke_cpu_ms": 0.30}, {"ke_cpu_ms": 0.25}, {"ke_cpu_ms": 0.40}],
+        "ntspy-1w": [{"ke_cpu_ms": 0.27}, {"ke_cpu_ms": 0.25}, {"ke_cpu_ms": 0.48}],
+    }
+    line = compare.ke_summary(results)
+    assert line == "NTS-KE CPU ntspy-1w/chronyd per round: 0.90 1.00 1.20; median 1.00x"
