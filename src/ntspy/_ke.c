@@ -298,6 +298,12 @@ typedef struct {
 /* epoll tags for the non-connection descriptors */
 static char TAG_LISTEN, TAG_TIMER, TAG_WAKE;
 
+/* Worker processes share one listening socket, each engine watching it: a
+ * new connection wakes one of them, not all (the others would only find
+ * nothing to accept).  EPOLLEXCLUSIVE cannot be changed by EPOLL_CTL_MOD, so
+ * pausing accepts takes the socket out of the set and resuming puts it back. */
+#define LISTEN_EVENTS (EPOLLIN | EPOLLEXCLUSIVE)
+
 static int
 select_alpn(SSL *ssl, const unsigned char **out, unsigned char *outlen,
             const unsigned char *in, unsigned int inlen, void *arg)
@@ -768,8 +774,8 @@ engine_expire(EngineObject *e, double now)
             conn_fail(e, c, "timeout-request", NULL);
     }
     if (e->accept_paused_until > 0 && e->accept_paused_until <= now) {
-        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &TAG_LISTEN};
-        if (epoll_ctl(e->epfd, EPOLL_CTL_MOD, e->lfd, &ev) == 0)
+        struct epoll_event ev = {.events = LISTEN_EVENTS, .data.ptr = &TAG_LISTEN};
+        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->lfd, &ev) == 0)
             e->accept_paused_until = 0;
     }
 }
@@ -793,8 +799,7 @@ engine_accept(EngineObject *e)
             if (r == NULL)
                 PyErr_WriteUnraisable(e->on_failed);
             Py_XDECREF(r);
-            struct epoll_event ev = {.events = 0, .data.ptr = &TAG_LISTEN};
-            if (epoll_ctl(e->epfd, EPOLL_CTL_MOD, e->lfd, &ev) == 0)
+            if (epoll_ctl(e->epfd, EPOLL_CTL_DEL, e->lfd, NULL) == 0)
                 e->accept_paused_until = monotonic() + 1.0;
             return;
         }
@@ -848,7 +853,8 @@ engine_accept(EngineObject *e)
             continue;
         }
         relist(e, c, 0, monotonic());
-        /* The ClientHello is usually there already: no need to wait for epoll. */
+        /* Under load the ClientHello is there already, and this saves a round
+         * through epoll; on an idle server it costs one recv that finds nothing. */
         conn_event(e, c, EPOLLIN);
     }
 }
@@ -918,7 +924,7 @@ Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
     self->epfd = epoll_create1(EPOLL_CLOEXEC);
     self->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     self->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    struct epoll_event lev = {.events = EPOLLIN, .data.ptr = &TAG_LISTEN};
+    struct epoll_event lev = {.events = LISTEN_EVENTS, .data.ptr = &TAG_LISTEN};
     struct epoll_event tev = {.events = EPOLLIN, .data.ptr = &TAG_TIMER};
     struct epoll_event wev = {.events = EPOLLIN, .data.ptr = &TAG_WAKE};
     if (self->epfd < 0 || self->tfd < 0 || self->wake_fd < 0 ||
