@@ -25,7 +25,7 @@ fi
 export PATH="$PWD/.venv/bin:$PATH"
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 
-echo "== ruff"; ruff check src/
+echo "== ruff"; ruff check src/ bench/ tests/
 echo "== mypy --strict"; mypy src/ntspy
 
 # No test may touch the clock: drop CAP_SYS_TIME for everything the tests start.

@@ -16,7 +16,8 @@ def test_demo_runs_offline_and_every_sample_is_authenticated() -> None:
     assert "all 4 samples authenticated" in text
     assert "System clock wrong by" in text
     # authdata row: NTS mode, non-zero KeyID/Type/KLen, 8 cookies.
-    auth = next(line for line in text.splitlines() if line.startswith("127.0.0.1") and "NTS" in line)
+    auth = next(line for line in text.splitlines()
+                if line.startswith("127.0.0.1") and "NTS" in line)
     fields = auth.split()
     assert fields[1] == "NTS" and int(fields[2]) >= 1 and int(fields[3]) in (15, 30)
     assert int(fields[4]) in (128, 256) and fields[8] == "8"

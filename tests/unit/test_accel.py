@@ -92,7 +92,8 @@ def test_ke_engine_is_built_where_it_can_be() -> None:
     built = importlib.util.find_spec("ntspy._ke") is not None
     if _headers_present() and Path("/usr/include/openssl/ssl.h").exists():
         assert built, "ntspy._ke was not built although the headers are there"
-    assert HAVE_NATIVE_KE == (built and os.environ.get("NTSPY_NO_ACCEL", "") in ("", "0"))
+    wanted = built and os.environ.get("NTSPY_NO_ACCEL", "") in ("", "0")
+    assert wanted == HAVE_NATIVE_KE
 
 
 def test_env_var_forces_the_pure_python_path() -> None:
