@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ntspy's NTS server side by side with chronyd on this machine.
 
-Usage: ``bench/compare`` (about 6 minutes) or ``bench/compare --quick``
+Usage: ``bench/compare`` (about 8 minutes) or ``bench/compare --quick``
 (about 1 minute).  See docs/performance.md for what each figure means.
 
 Everything runs on loopback with ports picked at run time, in a temp dir:
@@ -11,7 +11,10 @@ generator to CPU 1.  The servers take turns (chronyd, ntspy with 1 worker,
 ntspy with 2 workers, and again, ``--rounds`` times), each freshly started,
 and the table shows the median over the rounds.  For NTS-KE CPU, each round
 starts all of them at once and they take turns in eight short batches (see
-measure_ke).  Every process started here is ended by its PID.
+measure_ke).  Then each server runs once more allowed on both CPUs, which two
+load generator processes share with it (see measure_scaling): what a second
+worker buys.
+Every process started here is ended by its PID.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class Settings:
     queries: int = 3
     chrony_default_q: bool = True  # also time `chronyd -Q` with chrony's default iburst
     chrony_clientlog: bool = False
+    scaling: bool = True  # also measure each server spread over both CPUs
     variants: list[str] = field(default_factory=lambda: [CHRONYD_NAME, NTSPY1, NTSPY2])
 
 
@@ -188,8 +192,9 @@ def _write(path: Path, lines: list[str]) -> Path:
     return path
 
 
-def start_server(name: str, work: Path, pki: Path, settings: Settings) -> Server:
-    """Start one server variant pinned to SERVER_CPU and wait until it answers NTS-KE."""
+def start_server(name: str, work: Path, pki: Path, settings: Settings,
+                 cpus: str = str(SERVER_CPU)) -> Server:
+    """Start one server variant pinned to ``cpus`` and wait until it answers NTS-KE."""
     ntp_port, ke_port = free_port(), free_port()
     d = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
     (d / "keys").mkdir()
@@ -202,7 +207,7 @@ def start_server(name: str, work: Path, pki: Path, settings: Settings) -> Server
         f"ntsserverkey {pki / 'server.key'}",
         f"ntsdumpdir {d / 'keys'}",
     ]
-    pin = ["taskset", "-c", str(SERVER_CPU)]
+    pin = ["taskset", "-c", cpus]
     if name == CHRONYD_NAME:
         extra = [] if settings.chrony_clientlog else ["noclientlog"]
         conf = _write(d / "chrony.conf", [
@@ -245,8 +250,9 @@ def _wait_ready(server: Server, ca: Path) -> None:
 
 
 @contextlib.contextmanager
-def running(name: str, work: Path, pki: Path, settings: Settings) -> Iterator[Server]:
-    server = start_server(name, work, pki, settings)
+def running(name: str, work: Path, pki: Path, settings: Settings,
+            cpus: str = str(SERVER_CPU)) -> Iterator[Server]:
+    server = start_server(name, work, pki, settings, cpus)
     try:
         yield server
     finally:
@@ -257,11 +263,12 @@ def running(name: str, work: Path, pki: Path, settings: Settings) -> Iterator[Se
 # Measurements
 
 
-def measure_load(server: Server, ca: Path, nts: bool, s: Settings) -> dict[str, float]:
+def measure_load(server: Server, ca: Path, nts: bool, s: Settings, *,
+                 processes: int | None = None, busy: bool = True) -> dict[str, float]:
     creds = loadgen.fetch_credentials("localhost", server.ke_port, ca) if nts else None
     before = cpu_seconds(server.pid)
     counts = loadgen.run_load("127.0.0.1", server.ntp_port, seconds=s.seconds, window=s.window,
-                              processes=s.processes, creds=creds)
+                              processes=processes or s.processes, creds=creds, busy=busy)
     cpu = cpu_seconds(server.pid) - before
     if counts.invalid or not counts.valid:
         raise RuntimeError(f"{server.name}: bad responses: {counts.to_json()}")
@@ -363,6 +370,41 @@ def measure_round(server: Server, pki: Path, work: Path, s: Settings,
     return out
 
 
+SCALING_CPUS = "0,1"
+SCALING_GENERATORS = 2
+
+
+@contextlib.contextmanager
+def affinity(cpus: set[int]) -> Iterator[None]:
+    """Run this process (and what it forks meanwhile) on ``cpus``."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def measure_scaling(name: str, work: Path, pki: Path, s: Settings) -> dict[str, float]:
+    """Plain and NTS responses/s with the server allowed on both CPUs.
+
+    More worker processes must mean more answers, but on this machine the
+    second CPU is the load generator's: here the server (all its processes)
+    and two generator processes share both CPUs.  The generators sleep in
+    recv instead of busy-polling, so they take only the CPU their own work
+    needs and leave the rest to the server.
+    """
+    ca = pki / "ca.pem"
+    out: dict[str, float] = {}
+    with running(name, work, pki, s, SCALING_CPUS) as server, \
+            affinity({int(c) for c in SCALING_CPUS.split(",")}):
+        for kind, nts in (("ntp", False), ("nts", True)):
+            r = measure_load(server, ca, nts, s, processes=SCALING_GENERATORS, busy=False)
+            out[f"{kind}_rate_2cpu"] = r["rate"]
+            out[f"{kind}_server_cpus_2cpu"] = r["server_cpu_busy"]
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Report
 
@@ -420,6 +462,10 @@ ROWS = [
     Row("  server CPU busy", "nts_server_cpu_busy", "{:.0%}"),
     Row("NTS-KE server CPU ms/handshake", "ke_cpu_ms", "{:.3f}", "<= 1x", False),
     Row("  handshakes/s (client-bound)", "ke_per_s", "{:,.0f}"),
+    Row("plain NTP/s, both CPUs (shared, *)", "ntp_rate_2cpu", "{:,.0f}"),
+    Row("  server CPUs busy", "ntp_server_cpus_2cpu", "{:.0%}"),
+    Row("NTS/s, both CPUs (shared, *)", "nts_rate_2cpu", "{:,.0f}"),
+    Row("  server CPUs busy", "nts_server_cpus_2cpu", "{:.0%}"),
     Row("peak RSS, largest process MiB", "rss_max", "{:.1f}", "<= 40 MiB", False),
     Row("  same, before any load MiB", "rss_start", "{:.1f}", "", False),
     Row("PSS after load, all processes MiB", "pss_sum", "{:.1f}", "", False),
@@ -493,6 +539,17 @@ def ke_summary(results: dict[str, list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def scaling_summary(med: dict[str, dict[str, float]]) -> str:
+    """What the second worker buys when the server may use both CPUs."""
+    one, two = med.get(NTSPY1, {}), med.get(NTSPY2, {})
+    if "nts_rate_2cpu" not in one or "nts_rate_2cpu" not in two:
+        return ""
+    return (f"(*) server on CPUs {SCALING_CPUS}, shared with {SCALING_GENERATORS} sleeping "
+            f"generator processes; 2 workers / 1 worker: plain "
+            f"{two['ntp_rate_2cpu'] / one['ntp_rate_2cpu']:.2f}x, NTS "
+            f"{two['nts_rate_2cpu'] / one['nts_rate_2cpu']:.2f}x")
+
+
 def query_summary(med: dict[str, dict[str, float]]) -> str:
     """``ntspy query`` against ``chronyd -Q``, both timed against the same servers."""
     lines = []
@@ -521,6 +578,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
                    help="leave chronyd's client log on (default: noclientlog, see docs)")
     p.add_argument("--only", choices=[CHRONYD_NAME, NTSPY1, NTSPY2], action="append",
                    help="run only these servers")
+    p.add_argument("--no-scaling", action="store_true",
+                   help="skip the runs with the server on both CPUs")
     p.add_argument("--json", type=Path, help="also write every round's figures here")
     args = p.parse_args(argv)
     s = Settings()
@@ -531,6 +590,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     s.chrony_clientlog = args.chrony_clientlog
+    s.scaling = not args.no_scaling
     if args.only:
         s.variants = [v for v in s.variants if v in args.only]
     return s, args
@@ -569,11 +629,22 @@ def main(argv: list[str] | None = None) -> int:
                 results[name][-1].update(ke[name])
             print(f"round {rnd + 1}/{s.rounds} NTS-KE ms/handshake: " + "  ".join(
                 f"{name} {ke[name]['ke_cpu_ms']:.3f}" for name in s.variants), flush=True)
+            if s.scaling:
+                for name in s.variants:
+                    sc = measure_scaling(name, work, pki, s)
+                    results[name][-1].update(sc)
+                    print(f"round {rnd + 1}/{s.rounds} {name:8} on CPUs {SCALING_CPUS}: "
+                          f"NTP {sc['ntp_rate_2cpu']:>9,.0f}/s "
+                          f"(server {sc['ntp_server_cpus_2cpu']:.0%})  "
+                          f"NTS {sc['nts_rate_2cpu']:>9,.0f}/s "
+                          f"(server {sc['nts_server_cpus_2cpu']:.0%})", flush=True)
     med = medians(results)
     print()
     print(render(med, s.variants))
     print()
     print(ke_summary(results))
+    if s.scaling:
+        print(scaling_summary(med))
     print(query_summary(med))
     print(generator_summary(results))
     print(f"\nloadavg after: {Path('/proc/loadavg').read_text().strip()}; "

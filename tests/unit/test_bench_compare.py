@@ -85,3 +85,15 @@ def test_ke_summary_gives_the_median_of_the_per_round_ratios() -> None:
     }
     line = compare.ke_summary(results)
     assert line == "NTS-KE CPU ntspy-1w/chronyd per round: 0.90 1.00 1.20; median 1.00x"
+
+
+def test_scaling_summary_compares_two_workers_with_one_on_both_cpus() -> None:
+    med = {
+        "chronyd": {"nts_rate_2cpu": 150_000.0, "ntp_rate_2cpu": 160_000.0},
+        "ntspy-1w": {"nts_rate_2cpu": 100_000.0, "ntp_rate_2cpu": 180_000.0},
+        "ntspy-2w": {"nts_rate_2cpu": 125_000.0, "ntp_rate_2cpu": 198_000.0},
+    }
+    line = compare.scaling_summary(med)
+    assert line.endswith("2 workers / 1 worker: plain 1.10x, NTS 1.25x")
+    # without the runs on both CPUs (--no-scaling) there is nothing to say
+    assert compare.scaling_summary({"ntspy-1w": {}, "ntspy-2w": {}}) == ""
