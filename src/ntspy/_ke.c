@@ -777,6 +777,8 @@ engine_expire(EngineObject *e, double now)
         struct epoll_event ev = {.events = LISTEN_EVENTS, .data.ptr = &TAG_LISTEN};
         if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->lfd, &ev) == 0)
             e->accept_paused_until = 0;
+        else
+            e->accept_paused_until = now + 1.0; /* out of memory: try again later */
     }
 }
 
