@@ -1,31 +1,20 @@
 """bench/compare's measuring helpers: the CPU time it reads off other
-processes, and the round-by-round NTS-KE comparison it prints."""
+processes, and the NTS-KE and worker comparisons it prints."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests import bench_scripts
 
-
-def _load_compare() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_compare", ROOT / "bench" / "compare.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _load_compare()
+compare = bench_scripts.load("compare")
 
 BURN = """
 import sys, time
@@ -38,7 +27,7 @@ time.sleep(30)
 
 
 @pytest.fixture
-def burner() -> subprocess.Popen[str]:
+def burner() -> Iterator[subprocess.Popen[str]]:
     """A child that burns 0.35 s of CPU, says so, then sleeps."""
     proc = subprocess.Popen([sys.executable, "-c", BURN, "0.35"], stdout=subprocess.PIPE,
                             text=True)

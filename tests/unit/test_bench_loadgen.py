@@ -6,32 +6,17 @@ answered, and that it does not count wrong answers as valid.
 
 from __future__ import annotations
 
-import importlib.util
 import socket
-import sys
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from ntspy.proto.aead import Aead, AeadId
+from tests import bench_scripts
 from tests.peers import ServerProc
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_loadgen() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_loadgen", ROOT / "bench" / "loadgen.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-loadgen = _load_loadgen()
+loadgen = bench_scripts.load("loadgen")
 
 
 @pytest.fixture
