@@ -580,6 +580,242 @@ static PyTypeObject AesSivType = {
 };
 
 /* ------------------------------------------------------------------------
+ * An NTS response (responder.py's fast path) in one call: the request's
+ * authenticator verified under the session's C2S key, new cookies sealed
+ * under the master key, then the encrypted part sealed under the session's
+ * S2C key, laid out exactly as proto/nts.py's encode_authenticator lays it
+ * out. The Python fast path decides everything else (the layout, which
+ * session, how many cookies, the header, the random bytes); this saves the
+ * per-cookie and per-part Python objects.
+ * ------------------------------------------------------------------------ */
+
+#define NTS_HEADER_LEN 48
+#define NTS_COOKIE_NONCE 16
+#define NTS_MAX_COOKIES 8
+#define NTS_AUTHENTICATOR 0x0404
+#define NTS_MAX_FIELD 1024 /* any one of the byte strings below: far above real sizes */
+
+static int
+small_bytes(PyObject *obj, const char *what, Py_ssize_t min, Py_ssize_t max)
+{
+    if (!PyBytes_CheckExact(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be bytes", what);
+        return 0;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(obj);
+    if (n < min || n > max) {
+        PyErr_Format(PyExc_ValueError, "%s has a wrong length (%zd)", what, n);
+        return 0;
+    }
+    return 1;
+}
+
+static int
+small_int(PyObject *obj, const char *what, long min, long max, size_t *out)
+{
+    long v = PyLong_Check(obj) ? PyLong_AsLong(obj) : -1;
+    if (v == -1 && PyErr_Occurred())
+        return 0;
+    if (!PyLong_Check(obj) || v < min || v > max) {
+        PyErr_Format(PyExc_ValueError, "%s out of range", what);
+        return 0;
+    }
+    *out = (size_t)v;
+    return 1;
+}
+
+static void
+put16(unsigned char *p, size_t v)
+{
+    p[0] = (unsigned char)(v >> 8);
+    p[1] = (unsigned char)v;
+}
+
+PyDoc_STRVAR(nts_reply_doc,
+"nts_reply(request, header, layout, session, count, random, /) -> bytes | None\n\n"
+"The NTS response to ``request``, or None when its authenticator does not\n"
+"verify under the session's C2S key. ``layout`` is responder._parse_nts's\n"
+"tuple of offsets (unique id end, cookie start and end, placeholders,\n"
+"authenticator start, nonce end, ciphertext start and end). The response:\n"
+"``header`` (48 bytes), the request's unique identifier field, then the\n"
+"authenticator sealing ``count`` new cookies under the S2C key. ``session``\n"
+"is (c2s, s2c, master, nonce_len, sealable, cookie_head, cookie_pad,\n"
+"nonce_pad, auth_fixed, auth_extra): the session's keys, the master key that\n"
+"seals the cookies (with its key id, bytes 4..8 of cookie_head, as associated\n"
+"data), the plaintext of a new cookie, the cookie field header, the padding\n"
+"and the authenticator length without the ciphertext. ``random`` holds 16\n"
+"bytes per cookie nonce, then the authenticator nonce.");
+
+static PyObject *
+accel_nts_reply(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "nts_reply() takes 6 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *request = args[0], *header = args[1], *layout = args[2], *session = args[3];
+    size_t count, nonce_len, auth_fixed, at[8];
+    if (!small_bytes(request, "request", NTS_HEADER_LEN, 65536)
+        || !small_bytes(header, "header", NTS_HEADER_LEN, NTS_HEADER_LEN)
+        || !small_int(args[4], "count", 0, NTS_MAX_COOKIES, &count))
+        return NULL;
+    if (!PyTuple_CheckExact(layout) || PyTuple_GET_SIZE(layout) != 8) {
+        PyErr_SetString(PyExc_TypeError, "layout must be a tuple of 8");
+        return NULL;
+    }
+    long req_len = (long)PyBytes_GET_SIZE(request);
+    for (int i = 0; i < 8; i++) {
+        if (!small_int(PyTuple_GET_ITEM(layout, i), "a layout offset", 0, req_len, &at[i]))
+            return NULL;
+    }
+    size_t uid_end = at[0], auth_at = at[4], nonce_at = auth_at + 8, nonce_end = at[5];
+    size_t ct_start = at[6], ct_end = at[7];
+    /* The offsets must describe this request: header, unique id, ..., an
+     * authenticator whose nonce and ciphertext lie inside it. */
+    if (uid_end < NTS_HEADER_LEN || uid_end > auth_at || nonce_at > nonce_end
+        || nonce_end > ct_start || ct_start > ct_end) {
+        PyErr_SetString(PyExc_ValueError, "layout does not fit the request");
+        return NULL;
+    }
+    if (ct_end - ct_start < BLOCK)
+        Py_RETURN_NONE; /* too short to hold the SIV: cannot verify */
+    if (!PyTuple_CheckExact(session) || PyTuple_GET_SIZE(session) != 10) {
+        PyErr_SetString(PyExc_TypeError, "session must be a tuple of 10");
+        return NULL;
+    }
+    PyObject *c2s = PyTuple_GET_ITEM(session, 0);
+    PyObject *s2c = PyTuple_GET_ITEM(session, 1);
+    PyObject *master_obj = PyTuple_GET_ITEM(session, 2);
+    PyObject *sealable = PyTuple_GET_ITEM(session, 4);
+    PyObject *cookie_head = PyTuple_GET_ITEM(session, 5);
+    PyObject *cookie_pad = PyTuple_GET_ITEM(session, 6);
+    PyObject *nonce_pad = PyTuple_GET_ITEM(session, 7);
+    PyObject *auth_extra = PyTuple_GET_ITEM(session, 9);
+    if (!PyObject_TypeCheck(c2s, &AesSivType) || !PyObject_TypeCheck(s2c, &AesSivType)
+        || !PyObject_TypeCheck(master_obj, &AesSivType)) {
+        PyErr_SetString(PyExc_TypeError, "the session's keys must be AesSiv objects");
+        return NULL;
+    }
+    if (!small_int(PyTuple_GET_ITEM(session, 3), "nonce_len", 1, NTS_MAX_FIELD, &nonce_len)
+        || !small_bytes(sealable, "sealable", 0, NTS_MAX_FIELD)
+        || !small_bytes(cookie_head, "cookie_head", 8, 8)
+        || !small_bytes(cookie_pad, "cookie_pad", 0, NTS_MAX_FIELD)
+        || !small_bytes(nonce_pad, "nonce_pad", 0, NTS_MAX_FIELD)
+        || !small_int(PyTuple_GET_ITEM(session, 8), "auth_fixed", 0, NTS_MAX_FIELD, &auth_fixed)
+        || !small_bytes(auth_extra, "auth_extra", 0, NTS_MAX_FIELD)
+        || !small_bytes(args[5], "random", 0, NTS_MAX_COOKIES * NTS_COOKIE_NONCE + NTS_MAX_FIELD))
+        return NULL;
+    if ((size_t)PyBytes_GET_SIZE(args[5]) != count * NTS_COOKIE_NONCE + nonce_len) {
+        PyErr_SetString(PyExc_ValueError, "random must hold 16 bytes per cookie and the nonce");
+        return NULL;
+    }
+
+    const unsigned char *req = (const unsigned char *)PyBytes_AS_STRING(request);
+
+    /* The request first: RFC 8915 s5.7, everything before the authenticator
+     * is associated data, the nonce comes last. A client request's encrypted
+     * part is read only to check it (as responder.py does: it carries nothing
+     * the server uses). */
+    {
+        size_t plen = ct_end - ct_start - BLOCK;
+        unsigned char v[BLOCK], *scratch = PyMem_Malloc(plen ? plen : 1);
+        if (scratch == NULL)
+            return PyErr_NoMemory();
+        Piece ads[2] = {{req, auth_at}, {req + nonce_at, nonce_end - nonce_at}};
+        AesSivObject *k = (AesSivObject *)c2s;
+        int fine = ctr_xor(k, req + ct_start, req + ct_start + BLOCK, plen, scratch)
+                   && s2v(k, ads, 2, scratch, plen, v);
+        int match = fine && CRYPTO_memcmp(v, req + ct_start, BLOCK) == 0;
+        OPENSSL_cleanse(scratch, plen ? plen : 1);
+        OPENSSL_cleanse(v, BLOCK);
+        PyMem_Free(scratch);
+        if (!fine) {
+            PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES operation failed");
+            return NULL;
+        }
+        if (!match)
+            Py_RETURN_NONE;
+    }
+
+    const unsigned char *rnd = (const unsigned char *)PyBytes_AS_STRING(args[5]);
+    const unsigned char *head = (const unsigned char *)PyBytes_AS_STRING(cookie_head);
+    size_t plain_len = (size_t)PyBytes_GET_SIZE(sealable);
+    size_t pad_len = (size_t)PyBytes_GET_SIZE(cookie_pad);
+    size_t nonce_pad_len = (size_t)PyBytes_GET_SIZE(nonce_pad);
+    size_t extra_len = (size_t)PyBytes_GET_SIZE(auth_extra);
+    size_t cookie_field = 8 + NTS_COOKIE_NONCE + BLOCK + plain_len + pad_len;
+    size_t cookies_len = count * cookie_field;
+    size_t ct_len = BLOCK + cookies_len;
+    size_t ct_pad = (4 - ct_len % 4) % 4;
+    size_t auth_len = auth_fixed + ct_len + ct_pad;
+    if (auth_len > 0xFFFF || ct_len > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "authenticator too long");
+        return NULL;
+    }
+    size_t total = uid_end + 8 + nonce_len + nonce_pad_len + ct_len + ct_pad + extra_len;
+    if (total > (size_t)PyBytes_GET_SIZE(request)) {
+        /* the caller sizes ``count`` so that this never happens: a response
+         * longer than its request would make the server an amplifier */
+        PyErr_SetString(PyExc_ValueError, "the response would be longer than the request");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (out == NULL)
+        return NULL;
+    unsigned char *cookies = cookies_len ? PyMem_Malloc(cookies_len) : NULL;
+    if (cookies_len && cookies == NULL) {
+        Py_DECREF(out);
+        return PyErr_NoMemory();
+    }
+    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+    AesSivObject *master = (AesSivObject *)master_obj;
+    int ok = 1;
+
+    /* The cookie fields: header and key id, nonce, SIV and ciphertext, padding. */
+    for (size_t i = 0; ok && i < count; i++) {
+        unsigned char *c = cookies + i * cookie_field;
+        const unsigned char *cnonce = rnd + i * NTS_COOKIE_NONCE;
+        Piece ads[2] = {{head + 4, 4}, {cnonce, NTS_COOKIE_NONCE}};
+        memcpy(c, head, 8);
+        memcpy(c + 8, cnonce, NTS_COOKIE_NONCE);
+        unsigned char *siv = c + 8 + NTS_COOKIE_NONCE;
+        const unsigned char *plain = (const unsigned char *)PyBytes_AS_STRING(sealable);
+        ok = s2v(master, ads, 2, plain, plain_len, siv)
+             && ctr_xor(master, siv, plain, plain_len, siv + BLOCK);
+        memset(siv + BLOCK + plain_len, 0, pad_len);
+    }
+
+    /* The packet so far: header and unique identifier, the associated data. */
+    memcpy(o, PyBytes_AS_STRING(header), NTS_HEADER_LEN);
+    memcpy(o + NTS_HEADER_LEN, req + NTS_HEADER_LEN, uid_end - NTS_HEADER_LEN);
+    unsigned char *a = o + uid_end;
+    put16(a, NTS_AUTHENTICATOR);
+    put16(a + 2, auth_len);
+    put16(a + 4, nonce_len);
+    put16(a + 6, ct_len);
+    const unsigned char *nonce = rnd + count * NTS_COOKIE_NONCE;
+    memcpy(a + 8, nonce, nonce_len);
+    memset(a + 8 + nonce_len, 0, nonce_pad_len);
+    unsigned char *ct = a + 8 + nonce_len + nonce_pad_len;
+    if (ok) {
+        Piece ads[2] = {{o, uid_end}, {nonce, nonce_len}};
+        ok = s2v((AesSivObject *)s2c, ads, 2, cookies, cookies_len, ct)
+             && ctr_xor((AesSivObject *)s2c, ct, cookies, cookies_len, ct + BLOCK);
+    }
+    memset(ct + ct_len, 0, ct_pad + extra_len);
+    if (cookies != NULL) {
+        OPENSSL_cleanse(cookies, cookies_len);
+        PyMem_Free(cookies);
+    }
+    if (!ok) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES operation failed");
+        return NULL;
+    }
+    return out;
+}
+
+/* ------------------------------------------------------------------------
  * Batched datagram I/O for the UDP server loop (net/udp.py).
  *
  * recvmsg + sendto cost ~4.7 us per NTS exchange in Python, most of it the
@@ -1011,6 +1247,7 @@ fail:
 static PyMethodDef accel_functions[] = {
     {"recv_batch", (PyCFunction)(void (*)(void))accel_recv_batch, METH_FASTCALL, recv_batch_doc},
     {"send_batch", (PyCFunction)(void (*)(void))accel_send_batch, METH_FASTCALL, send_batch_doc},
+    {"nts_reply", (PyCFunction)(void (*)(void))accel_nts_reply, METH_FASTCALL, nts_reply_doc},
     {NULL, NULL, 0, NULL},
 };
 

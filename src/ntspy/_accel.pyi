@@ -41,3 +41,15 @@ def send_batch(fd: int, items: Sequence[tuple[bytes, tuple[Any, ...]]], /) -> in
     is skipped and the rest still go out; a malformed item raises TypeError,
     ValueError or OverflowError before anything is sent.
     """
+
+def nts_reply(
+    request: bytes,
+    header: bytes,
+    layout: tuple[int, int, int, int, int, int, int, int],
+    session: tuple[object, ...],
+    count: int,
+    random: bytes,
+    /,
+) -> bytes | None:
+    """The NTS response to ``request``, None when it does not verify (see
+    ``server/responder.py``'s fast path and the C source for the tuples)."""

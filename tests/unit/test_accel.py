@@ -32,8 +32,11 @@ from hypothesis import strategies as st
 
 from ntspy.errors import AuthenticationFailure
 from ntspy.proto import aead as aead_module
+from ntspy.proto import nts
 from ntspy.proto.aead import ACCELERATED, Aead, AeadId
-from ntspy.proto.ntp import unix_ns_to_ntp
+from ntspy.proto.cookies import CookieKeys
+from ntspy.proto.ntp import NtpHeader, unix_ns_to_ntp
+from ntspy.server import responder as responder_module
 from ntspy.server.responder import Responder, SyncState
 from ntspy.server.stats import StatsTable
 from tests.unit.test_server_fastpath import NOW, RING, nts_requests
@@ -259,6 +262,9 @@ def test_hostile_arguments_raise_python_exceptions() -> None:
 def test_server_answers_are_the_same_without_the_accelerator(
     req: tuple[bytes, int, bytes, Aead], seed: int, tx: int
 ) -> None:
+    # The compiled path draws a response's random bytes in one call, the Python
+    # paths one call per nonce; Random.randbytes gives the same bytes either way
+    # for lengths that are multiples of 4 (all of ours).
     tables = StatsTable(), StatsTable()
     fast = Responder(RING, tables[0].row(), random.Random(seed).randbytes)
     plain = Responder(RING, tables[1].row(), random.Random(seed).randbytes)
@@ -271,3 +277,57 @@ def test_server_answers_are_the_same_without_the_accelerator(
         assert not any(a.accelerated for a in plain._masters.values())
     assert out_fast == out_plain
     assert tables[0].totals() == tables[1].totals()
+
+
+def _verified_request() -> tuple[bytes, tuple[int, ...], tuple[object, ...] | None]:
+    """A real NTS request, its layout, and the session tuple the responder
+    packed for it (None without the accelerator)."""
+    keys = CookieKeys(AeadId.AES_SIV_CMAC_256, bytes(range(32)), bytes(range(32, 64)))
+    cookie = RING.seal(keys, bytes(16))
+    request = nts.build_request(NtpHeader(transmit_ts=7), b"u" * 32, cookie, 0,
+                                Aead(AeadId.AES_SIV_CMAC_256, keys.c2s), bytes(16))
+    r = Responder(RING, StatsTable().row(), random.randbytes)
+    assert r.handle(request, "192.0.2.1", NOW, lambda: NOW) is not None
+    (session,) = r._sessions.values()
+    layout = responder_module._parse_nts(request, len(request))
+    assert layout is not None
+    return request, layout, session.packed
+
+
+def test_nts_reply_refuses_what_does_not_fit() -> None:
+    request, layout, packed = _verified_request()
+    if not ACCELERATED:  # not built, or NTSPY_NO_ACCEL: the responder does it in Python
+        assert packed is None
+        return
+    assert accel is not None and packed is not None
+    head, rnd = bytes(48), bytes(32)
+    reply = accel.nts_reply(request, head, layout, packed, 1, rnd)
+    assert reply is not None and len(reply) == len(request)
+    # A request that does not verify, or whose ciphertext is shorter than a
+    # SIV, gets None (the responder answers it with a NAK).
+    tampered = request[:-1] + bytes([request[-1] ^ 1])
+    assert accel.nts_reply(tampered, head, layout, packed, 1, rnd) is None
+    short = (*layout[:7], layout[6] + 8)
+    assert accel.nts_reply(request, head, short, packed, 1, rnd) is None
+    n = len(request)
+    bad_calls: list[tuple[type[Exception], tuple[object, ...]]] = [
+        (TypeError, (request, head, layout, packed, 1)),
+        (TypeError, (request.decode("latin-1"), head, layout, packed, 1, rnd)),
+        (ValueError, (request, head[:47], layout, packed, 1, rnd)),
+        (TypeError, (request, head, list(layout), packed, 1, rnd)),
+        (ValueError, (request, head, (*layout[:7], n + 1), packed, 1, rnd)),
+        (ValueError, (request, head, (*layout[:6], layout[7], layout[6]), packed, 1, rnd)),
+        (ValueError, (request, head, (20, *layout[1:]), packed, 1, rnd)),
+        (TypeError, (request, head, layout, packed[:9], 1, rnd)),
+        (TypeError, (request, head, layout, (b"k", *packed[1:]), 1, rnd)),
+        (ValueError, (request, head, layout, packed, 1, rnd[:31])),
+        (ValueError, (request, head, layout, packed, 9, bytes(9 * 16 + 16))),
+        (ValueError, (request, head, layout, packed, -1, rnd)),
+        # two cookies do not fit in a request that carries one and no placeholder:
+        # the answer would be longer than the question
+        (ValueError, (request, head, layout, packed, 2, bytes(48))),
+    ]
+    for error, args in bad_calls:
+        with pytest.raises(error):
+            accel.nts_reply(*args)
+    assert accel.nts_reply(request, head, layout, packed, 1, rnd) == reply

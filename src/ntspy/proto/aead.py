@@ -105,6 +105,11 @@ class Aead:
         """Whether this key runs on ``ntspy._accel``."""
         return self._fast is not None
 
+    @property
+    def native(self) -> _FastSiv | None:
+        """The ``ntspy._accel.AesSiv`` doing this key's work, or None."""
+        return self._fast
+
     def seal(self, nonce: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
         """Encrypt and authenticate; returns ciphertext with the tag."""
         # RFC 8915 s5.6: for SIV the nonce is the last associated-data component

@@ -14,10 +14,11 @@ import struct
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import AuthenticationFailure, MalformedPacket
 from ..proto import nts
-from ..proto.aead import AEADS, Aead, info
+from ..proto.aead import ACCELERATED, AEADS, Aead, info
 from ..proto.cookies import COOKIE_NONCE_LEN, MASTER_KEY_ALGORITHM, KeyRing, cookie_length
 from ..proto.ntp import (
     EF_HEADER_LEN,
@@ -35,7 +36,15 @@ from ..proto.ntp import (
 )
 from .access import AccessTable
 from .ratelimit import RateLimiter, Verdict
+
+if TYPE_CHECKING:
+    from .._accel import AesSiv
 from .stats import ServerStats, counter_index
+
+if ACCELERATED:  # the response body in one compiled call (see _nts_fast)
+    from .._accel import nts_reply as _nts_reply
+else:
+    _nts_reply = None  # type: ignore[assignment]
 
 # chrony's reference id for its local reference: 127.127.1.1
 LOCAL_REFID = bytes([127, 127, 1, 1])
@@ -51,6 +60,8 @@ _EF = struct.Struct("!HH")
 _AUTH = _EF  # nonce length, ciphertext length at the start of the authenticator body
 _AUTH_HEAD = struct.Struct("!HHHH")  # authenticator EF type, length; nonce, ciphertext lengths
 _KEY_ID = struct.Struct("!I")
+_REPLY_HEAD = struct.Struct("!BBB21s8sQ")  # _REPLY up to the transmit timestamp
+_TX = struct.Struct("!Q")
 _COOKIE_PLAIN = struct.Struct("!HH")
 _V4_CLIENT = 4 << 3 | Mode.CLIENT  # version and mode bits of an NTPv4 client request
 # KeyRing cookie layout: key id (4) | nonce (16) | ciphertext (>= 4 + 16 tag).
@@ -219,6 +230,8 @@ class _Session:
     nonce_pad: bytes  # zeros after the nonce in the authenticator
     auth_extra: bytes  # zeros that make nonce + padding at least 16 bytes
     auth_fixed: int  # authenticator EF length without the ciphertext
+    # what ntspy._accel.nts_reply needs of this session (None: no accelerator)
+    packed: tuple[object, ...] | None = None
 
 
 def _ntp_ts(unix_ns: int) -> int:
@@ -258,6 +271,7 @@ class Responder:
         self._masters: dict[int, Aead] = {}
         self._seal_key_id = 0
         self._seal_prefix = b""
+        self._seal_native: AesSiv | None = None  # the sealing master key's, compiled
 
     # The per-server header bytes only change when the state is replaced, so
     # they are packed here, not per packet. SyncState is frozen: replace it.
@@ -342,6 +356,7 @@ class Responder:
             self._masters = {k.key_id: Aead(MASTER_KEY_ALGORITHM, k.key) for k in ring.keys}
             self._seal_key_id = current.key_id
             self._seal_prefix = _KEY_ID.pack(current.key_id)
+            self._seal_native = self._masters[current.key_id].native
             self._sessions.clear()
             self._ring_current = current
         return self._masters
@@ -386,6 +401,12 @@ class Responder:
                 bytes(extra),
                 EF_HEADER_LEN + 4 + padded + extra,
             )
+            natives = (session.c2s.native, session.s2c.native, self._seal_native)
+            if _nts_reply is not None and None not in natives:
+                # the master key too: a ring change empties this cache
+                session.packed = (*natives, nonce_len, session.sealable, session.cookie_head,
+                                  session.cookie_pad, session.nonce_pad, session.auth_fixed,
+                                  session.auth_extra)
             self._sessions[plain] = session
         return session
 
@@ -404,40 +425,74 @@ class Responder:
         )
         view, base = self._view, self._base
         session = self._session(data[cookie_start:cookie_end])
-        ok = False
-        if session is not None:
-            try:
-                session.c2s.open(
-                    data[auth_at + 8:nonce_end], data[ct_start:ct_end], data[:auth_at]
-                )
-                ok = True
-            except AuthenticationFailure:
-                pass
         origin = data[40:48]
         rx = _ntp_ts(rx_ns)
-        if not ok or session is None:
-            # RFC 8915 s5.7: a cookie we cannot use, or a request that does not
-            # authenticate, gets a NAK so the client knows to redo NTS-KE.
-            view[base + _AUTH_FAILURES] += 1
-            view[base + _NAKS] += 1
-            return (
-                _REPLY.pack(first, 0, data[2], self._mid_nak, origin, rx, _ntp_ts(tx_clock()))
-                + data[HEADER_LEN:uid_end]
-            )
-        n = len(data)
+        if session is not None:
+            count = self._cookie_count(placeholders, uid_end, session, len(data))
+            nonce_len = session.nonce_len
+            rand = self.random_bytes
+            packed = session.packed
+            reply: bytes | None = None
+            if packed is not None:
+                # The bytes the code below makes, in one compiled call that also
+                # verifies the request; None when it does not verify.
+                header = _REPLY.pack(first, stratum, data[2], mid, origin, rx, _ntp_ts(tx_clock()))
+                reply = _nts_reply(data, header, parsed, packed, count,
+                                   rand(COOKIE_NONCE_LEN * count + nonce_len))
+            else:
+                try:
+                    session.c2s.open(
+                        data[auth_at + 8:nonce_end], data[ct_start:ct_end], data[:auth_at]
+                    )
+                except AuthenticationFailure:
+                    pass
+                else:
+                    reply = self._seal_reply(
+                        session, count, rand,
+                        _REPLY_HEAD.pack(first, stratum, data[2], mid, origin, rx),
+                        data[HEADER_LEN:uid_end], tx_clock,
+                    )
+            if reply is not None:
+                view[base + _AUTHENTICATED] += 1
+                view[base + _DAEMON_TX] += 1
+                return reply
+        # RFC 8915 s5.7: a cookie we cannot use, or a request that does not
+        # authenticate, gets a NAK so the client knows to redo NTS-KE.
+        view[base + _AUTH_FAILURES] += 1
+        view[base + _NAKS] += 1
+        return (
+            _REPLY.pack(first, 0, data[2], self._mid_nak, origin, rx, _ntp_ts(tx_clock()))
+            + data[HEADER_LEN:uid_end]
+        )
+
+    def _cookie_count(self, placeholders: int, uid_end: int, session: _Session, n: int) -> int:
+        """How many new cookies fit in a response no longer than the request."""
         uid_len = uid_end - HEADER_LEN - EF_HEADER_LEN
-        nonce_len = session.nonce_len
-        cookie_len = session.cookie_len
-        key = (placeholders, uid_len, cookie_len, nonce_len, n)
+        key = (placeholders, uid_len, session.cookie_len, session.nonce_len, n)
         count = self._counts.get(key)
         if count is None:
             count = min(1 + placeholders, nts.MAX_COOKIES_PER_RESPONSE)
-            while count > 0 and nts.response_length(uid_len, count, cookie_len, nonce_len) > n:
+            while count > 0 and nts.response_length(
+                uid_len, count, session.cookie_len, session.nonce_len
+            ) > n:
                 count -= 1
             if len(self._counts) >= AEAD_CACHE_SIZE:
                 self._counts.clear()
             self._counts[key] = count
-        rand = self.random_bytes
+        return count
+
+    def _seal_reply(
+        self,
+        session: _Session,
+        count: int,
+        rand: Callable[[int], bytes],
+        head: bytes,
+        unique_id: bytes,
+        tx_clock: Callable[[], int],
+    ) -> bytes:
+        """The response to a verified request: ``head`` (the header up to the
+        transmit time, read just before sealing), the ``unique_id`` field, and
+        an authenticator sealing ``count`` new cookies."""
         seal_cookie = self._masters[self._seal_key_id].seal
         prefix = self._seal_prefix
         sealable = session.sealable
@@ -446,13 +501,9 @@ class Responder:
         for _ in range(count):
             cnonce = rand(COOKIE_NONCE_LEN)
             parts.append(cookie_head + cnonce + seal_cookie(cnonce, sealable, prefix) + cookie_pad)
+        nonce_len = session.nonce_len
         nonce = rand(nonce_len)
-        view[base + _AUTHENTICATED] += 1
-        view[base + _DAEMON_TX] += 1
-        packet = (
-            _REPLY.pack(first, stratum, data[2], mid, origin, rx, _ntp_ts(tx_clock()))
-            + data[HEADER_LEN:uid_end]
-        )
+        packet = head + _TX.pack(_ntp_ts(tx_clock())) + unique_id
         ct = session.s2c.seal(nonce, b"".join(parts), packet)
         ct_len = len(ct)
         ct_pad = -ct_len & 3
