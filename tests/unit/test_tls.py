@@ -599,6 +599,22 @@ async def test_reload_swaps_certificates_and_keeps_old_ones_on_failure(tmp_path:
         assert contexts.certificates[0].issuer.rfc4514_string() == "CN=Second CA"
 
 
+def test_server_contexts_make_pyopenssl_contexts_only_when_needed(
+    tmp_path: Path, pki: CertPaths
+) -> None:
+    contexts = ServerContexts([(pki.server_cert, pki.server_key)], datetime.now(UTC))
+    (pair,) = contexts._pairs
+    # A server on the compiled engine never asks for them (memory OpenSSL
+    # would take for nothing); without the engine they exist from the start.
+    assert (pair._context is None) == (contexts.native is not None)
+    ctx = contexts.context()
+    assert isinstance(ctx, SSL.Context) and pair._context is ctx
+    # The key must belong to the certificate either way, checked at load time.
+    other = make_test_pki(tmp_path / "other")
+    with pytest.raises(CertificateError, match="does not match certificate"):
+        ServerContexts([(pki.server_cert, other.server_key)], datetime.now(UTC))
+
+
 def test_server_contexts_needs_a_pair() -> None:
     with pytest.raises(CertificateError, match="no server certificate"):
         ServerContexts([], datetime.now(UTC))

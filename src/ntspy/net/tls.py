@@ -445,11 +445,44 @@ class _ServerPair:
     key: Path
     chain: list[x509.Certificate]  # leaf first
     private_key: _ServerKey
-    context: SSL.Context
+    _context: SSL.Context | None = None
 
     @property
     def leaf(self) -> x509.Certificate:
         return self.chain[0]
+
+    @property
+    def context(self) -> SSL.Context:
+        """The pyOpenSSL server Context for this pair, made on first use: a
+        server whose NTS-KE runs on the compiled engine never needs one (and
+        saves the memory OpenSSL takes to set it up)."""
+        if self._context is None:
+            self._context = _pair_context(self)
+        return self._context
+
+
+def _public_key_der(key: x509.Certificate | _ServerKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _pair_context(pair: _ServerPair) -> SSL.Context:
+    ctx = _new_tls13_context()
+    ctx.set_verify(SSL.VERIFY_NONE)  # NTS-KE does not use client certificates
+    ctx.set_alpn_select_callback(_select_alpn)
+    _tune_server_context(ctx)
+    try:
+        ctx.use_certificate(pair.leaf)
+        for extra in pair.chain[1:]:
+            ctx.add_extra_chain_cert(extra)
+        ctx.use_privatekey(pair.private_key)
+        ctx.check_privatekey()
+    except SSL.Error:
+        raise CertificateError(
+            f"server key {pair.key} does not match certificate {pair.cert_chain}"
+        ) from None
+    return ctx
 
 
 def _load_server_pair(cert_chain: Path, key_path: Path, now: datetime | None) -> _ServerPair:
@@ -476,22 +509,9 @@ def _load_server_pair(cert_chain: Path, key_path: Path, now: datetime | None) ->
         raise CertificateError(
             f"server certificate {cert_chain} expired on {_when(leaf.not_valid_after_utc)}"
         )
-
-    ctx = _new_tls13_context()
-    ctx.set_verify(SSL.VERIFY_NONE)  # NTS-KE does not use client certificates
-    ctx.set_alpn_select_callback(_select_alpn)
-    _tune_server_context(ctx)
-    try:
-        ctx.use_certificate(leaf)
-        for extra in chain[1:]:
-            ctx.add_extra_chain_cert(extra)
-        ctx.use_privatekey(key)
-        ctx.check_privatekey()
-    except SSL.Error:
-        raise CertificateError(
-            f"server key {key_path} does not match certificate {cert_chain}"
-        ) from None
-    return _ServerPair(cert_chain, key_path, chain, key, ctx)
+    if _public_key_der(leaf) != _public_key_der(key):
+        raise CertificateError(f"server key {key_path} does not match certificate {cert_chain}")
+    return _ServerPair(cert_chain, key_path, chain, key)
 
 
 def server_context(cert_chain: Path, key: Path, *, now: datetime | None = None) -> SSL.Context:
@@ -512,19 +532,30 @@ class ServerContexts:
     The first pair is the default (no SNI, or no certificate matches).  Pass
     :meth:`context` (or this object) to :meth:`TlsStream.accept`; the server
     name callback switches the connection to the matching pair's Context.
+
+    The pyOpenSSL Contexts are made when first asked for, or at once when the
+    compiled engine cannot serve these pairs (:attr:`native` is None): a
+    server on the engine never needs them.
     """
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], now: datetime) -> None:
         if not pairs:
             raise CertificateError("no server certificate and key configured")
         self._paths = list(pairs)
+        self._armed = False  # whether the pairs' Contexts exist, with the SNI callback
         self._pairs, self.native = self._load(now)
 
     def _load(self, now: datetime) -> tuple[list[_ServerPair], NativeTlsContext | None]:
         loaded = [_load_server_pair(cert, key, now) for cert, key in self._paths]
-        for pair in loaded:
+        native = _native_context(loaded)
+        if native is None or self._armed:
+            self._arm(loaded)  # any error now, while the old pairs still serve
+        return loaded, native
+
+    def _arm(self, pairs: list[_ServerPair]) -> None:
+        for pair in pairs:
             pair.context.set_tlsext_servername_callback(self._on_server_name)
-        return loaded, _native_context(loaded)
+        self._armed = True
 
     def _on_server_name(self, conn: SSL.Connection) -> None:
         raw = conn.get_servername()
@@ -538,6 +569,8 @@ class ServerContexts:
 
     def context(self) -> SSL.Context:
         """The Context to create server Connections with (the default pair's)."""
+        if not self._armed:
+            self._arm(self._pairs)
         return self._pairs[0].context
 
     @property

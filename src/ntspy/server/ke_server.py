@@ -113,6 +113,7 @@ class KeServer:
             for listening in [sock] if sock is not None else _listen(host, port):
                 self._listeners.append(_NativeListener(self, listening))
             return
+        self.contexts.context()  # pyOpenSSL's Contexts now: any error at start, not later
         for listening in [sock] if sock is not None else _listen(host, port):
             self._acceptors.append(_Acceptor(self, listening, loop))
 
