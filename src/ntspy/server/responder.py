@@ -36,10 +36,10 @@ from ..proto.ntp import (
 )
 from .access import AccessTable
 from .ratelimit import RateLimiter, Verdict
+from .stats import ServerStats, counter_index
 
 if TYPE_CHECKING:
     from .._accel import AesSiv
-from .stats import ServerStats, counter_index
 
 if ACCELERATED:  # the response body in one compiled call (see _nts_fast)
     from .._accel import nts_reply as _nts_reply
