@@ -14,7 +14,6 @@ import struct
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..errors import AuthenticationFailure, MalformedPacket
 from ..proto import nts
@@ -37,9 +36,6 @@ from ..proto.ntp import (
 from .access import AccessTable
 from .ratelimit import RateLimiter, Verdict
 from .stats import ServerStats, counter_index
-
-if TYPE_CHECKING:
-    from .._accel import AesSiv
 
 if ACCELERATED:  # the response body in one compiled call (see _nts_fast)
     from .._accel import nts_reply as _nts_reply
@@ -271,7 +267,6 @@ class Responder:
         self._masters: dict[int, Aead] = {}
         self._seal_key_id = 0
         self._seal_prefix = b""
-        self._seal_native: AesSiv | None = None  # the sealing master key's, compiled
 
     # The per-server header bytes only change when the state is replaced, so
     # they are packed here, not per packet. SyncState is frozen: replace it.
@@ -356,7 +351,6 @@ class Responder:
             self._masters = {k.key_id: Aead(MASTER_KEY_ALGORITHM, k.key) for k in ring.keys}
             self._seal_key_id = current.key_id
             self._seal_prefix = _KEY_ID.pack(current.key_id)
-            self._seal_native = self._masters[current.key_id].native
             self._sessions.clear()
             self._ring_current = current
         return self._masters
@@ -401,7 +395,8 @@ class Responder:
                 bytes(extra),
                 EF_HEADER_LEN + 4 + padded + extra,
             )
-            natives = (session.c2s.native, session.s2c.native, self._seal_native)
+            natives = (session.c2s.native, session.s2c.native,
+                       self._masters[self._seal_key_id].native)
             if _nts_reply is not None and None not in natives:
                 # the master key too: a ring change empties this cache
                 session.packed = (*natives, nonce_len, session.sealable, session.cookie_head,
