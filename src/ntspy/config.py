@@ -147,6 +147,16 @@ class Config:
     makestep: tuple[float, int] | None = None
     minsources: int = 1
     authselectmode: str = "mix"
+    # clock and selection tuning, chrony's directives and defaults
+    maxdistance: float = 3.0
+    maxjitter: float = 1.0
+    combinelimit: float = 3.0
+    reselectdist: float = 1e-4
+    stratumweight: float = 1e-3
+    corrtimeratio: float = 3.0
+    maxupdateskew: float = 1000.0
+    maxslewrate: float = 83333.333
+    maxdrift: float = 500000.0
     bindcmdaddress: list[str] = field(default_factory=list)
     ignored: list[tuple[int, str]] = field(default_factory=list)
     """(line number, directive) of each accepted-but-ignored directive."""
@@ -456,14 +466,13 @@ IGNORED_DIRECTIVES = frozenset(
     {
         "acquisitionport", "bindacqaddress", "bindacqdevice", "bindcmddevice",
         "clientloglimit", "clockprecision", "cmdallow", "cmddeny", "cmdport",
-        "cmdratelimit", "combinelimit", "corrtimeratio", "dscp", "dumpdir",
+        "cmdratelimit", "dscp", "dumpdir",
         "fallbackdrift", "hwclockfile", "hwtimestamp", "keyfile", "leapsecmode",
         "leapseclist", "leapsectz", "lock_all", "log", "logbanner", "logchange",
         "logdir", "mailonchange", "manual", "maxchange", "maxclockerror",
-        "maxdistance", "maxdrift", "maxjitter", "maxsamples", "maxslewrate",
-        "maxupdateskew", "minsamples", "noclientlog", "pidfile", "ptpport",
-        "reselectdist", "rtcautotrim", "rtcdevice", "rtcfile", "rtconutc",
-        "rtcsync", "sched_priority", "stratumweight", "tempcomp", "user",
+        "maxsamples", "minsamples", "noclientlog", "pidfile", "ptpport",
+        "rtcautotrim", "rtcdevice", "rtcfile", "rtconutc",
+        "rtcsync", "sched_priority", "tempcomp", "user",
     }
 )  # fmt: skip
 
@@ -674,6 +683,39 @@ class _Parser:
         threshold = _float(where, args[0], "threshold", 0.0)
         limit = _int(where, args[1], "limit", -_I31_MAX, _I31_MAX)
         self.config.makestep = (threshold, max(limit, -1))  # any negative: no limit
+
+    def _tuning(self, where: _Where, args: list[str], lo: float, hi: float = math.inf) -> None:
+        """A clock or selection directive with one number (chrony's meaning and range)."""
+        _nargs(where, args, 1)
+        setattr(self.config, where.directive, _float(where, args[0], where.directive, lo, hi))
+
+    def d_maxdistance(self, where: _Where, args: list[str], depth: int) -> None:
+        self._tuning(where, args, 0.0)
+
+    def d_maxjitter(self, where: _Where, args: list[str], depth: int) -> None:
+        self._tuning(where, args, 0.0)
+
+    def d_combinelimit(self, where: _Where, args: list[str], depth: int) -> None:
+        self._tuning(where, args, 0.0)
+
+    def d_reselectdist(self, where: _Where, args: list[str], depth: int) -> None:
+        self._tuning(where, args, 0.0)
+
+    def d_stratumweight(self, where: _Where, args: list[str], depth: int) -> None:
+        self._tuning(where, args, 0.0)
+
+    def d_corrtimeratio(self, where: _Where, args: list[str], depth: int) -> None:
+        self._tuning(where, args, 0.0)
+
+    def d_maxupdateskew(self, where: _Where, args: list[str], depth: int) -> None:
+        self._tuning(where, args, 0.0)
+
+    def d_maxslewrate(self, where: _Where, args: list[str], depth: int) -> None:
+        # chrony's ceiling: a slew faster than 1/2 s/s would run the clock backwards.
+        self._tuning(where, args, 0.0, 500000.0)
+
+    def d_maxdrift(self, where: _Where, args: list[str], depth: int) -> None:
+        self._tuning(where, args, 0.0, 500000.0)
 
     def d_minsources(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -26,16 +27,11 @@ from ..net.tls import TrustConfig
 from ..proto.ntp import Leap, unix_ns_to_ntp
 from ..state import atomic_write, read_state, set_aside
 from ..sync.discipline import Discipline, Tracking, apply_action, format_drift, parse_drift
+from ..sync.engine import Decision, SyncEngine
 from ..sync.filter import UNKNOWN_SKEW_PPM
-from ..sync.select import (
-    AuthSelectMode,
-    SelectConfig,
-    Selection,
-    SourceState,
-    candidate_from_stats,
-    select_sources,
-)
-from .source import Source
+from ..sync.sanity import SampleLimits
+from ..sync.select import AuthSelectMode, SelectConfig, Selection, SourceState
+from .source import Source, exchange_of
 
 log = logging.getLogger("ntspy.client")
 
@@ -57,22 +53,32 @@ class ClientDaemon:
         self.clock = clock
         self.options = options or ClientOptions()
         self.sources: list[Source] = []
-        self.selection: Selection | None = None
-        self.current: str | None = None
         drift = self._load_drift()
-        self.discipline = Discipline(
+        discipline = Discipline(
             makestep=config.makestep,
             frequency_ppm=drift[0] if drift else 0.0,
             skew_ppm=drift[1] if drift else UNKNOWN_SKEW_PPM,
+            corr_time_ratio=config.corrtimeratio,
+            max_update_skew=config.maxupdateskew,
+            max_drift_ppm=config.maxdrift,
         )
         if drift and clock.can_control:
             clock.set_frequency(drift[0])
         self.select_config = SelectConfig(
             minsources=config.minsources,
             authselectmode=AuthSelectMode(config.authselectmode),
+            max_distance=config.maxdistance,
+            max_jitter=config.maxjitter,
+            combine_limit=config.combinelimit,
+            reselect_dist=config.reselectdist,
+            stratum_weight=config.stratumweight,
         )
-        self.clock_updates = 0
-        self._leap_armed = 0
+        self.engine = SyncEngine(discipline, self.select_config,
+                                 SampleLimits(max_distance=config.maxdistance))
+        self.loop_errors = 0
+        """Poll rounds that raised, and tasks restarted (each is a bug)."""
+        self._logged_reference: str | None = None
+        self._stopping = False
         self._tasks: dict[Source, asyncio.Task[None]] = {}
         self._resolver = self.options.resolver
         self._started = time.monotonic()
@@ -120,6 +126,7 @@ class ClientDaemon:
             dumpdir=self.config.ntsdumpdir, ntsrefresh=self.config.ntsrefresh,
             timeout=self.options.timeout, backoff_scale=self.options.ke_backoff_scale,
         )
+        self.engine.sources[src.key] = src.sync
         src.load_dump(time.monotonic())
         return src
 
@@ -128,7 +135,7 @@ class ClientDaemon:
             self._restore_time()
         self.sources = await self._make_sources(self.configured_sources())
         for src in self.sources:
-            self._tasks[src] = asyncio.create_task(self._run_source(src))
+            self._spawn(src)
         log.info("client started with %d sources", len(self.sources))
 
     async def reload_sources(self) -> dict[str, int]:
@@ -146,7 +153,7 @@ class ClientDaemon:
         )
         for src in new:
             self.sources.append(src)
-            self._tasks[src] = asyncio.create_task(self._run_source(src))
+            self._spawn(src)
         return {"added": len(new), "removed": removed}
 
     async def _remove(self, src: Source) -> None:
@@ -158,8 +165,10 @@ class ClientDaemon:
         src.save_dump()
         src.session.close()
         self.sources.remove(src)
+        self.engine.remove_source(src.key)
 
     async def stop(self) -> None:
+        self._stopping = True
         for src in list(self.sources):
             await self._remove(src)
         self._save_drift()
@@ -167,27 +176,57 @@ class ClientDaemon:
 
     # -- the loop -------------------------------------------------------------
 
+    def _spawn(self, src: Source) -> None:
+        task = asyncio.create_task(self._run_source(src), name=f"source {src.name}")
+        self._tasks[src] = task
+        task.add_done_callback(functools.partial(self._task_ended, src))
+
+    def _task_ended(self, src: Source, task: asyncio.Task[None]) -> None:
+        """A source's task must only end by cancellation: anything else is a bug,
+        reported loudly, and the source is polled again by a new task."""
+        if task.cancelled() or self._tasks.get(src) is not task or self._stopping:
+            return
+        exc = task.exception()
+        self.loop_errors += 1
+        log.critical("%s: polling task ended unexpectedly (%s); restarting it", src.name,
+                     "returned" if exc is None else repr(exc),
+                     exc_info=exc if exc is not None else None)
+        self._spawn(src)
+
     async def _run_source(self, src: Source) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            if not await self._resolve(src):
-                await asyncio.sleep(src.interval())
-                continue
-            # nocerttimecheck N: certificate times are not checked until the
-            # clock has been updated N times (it may start out far off).
-            src.set_time_check(self.clock_updates >= self.config.nocerttimecheck)
             try:
-                measurement = await src.poll_once(loop.time(), self.clock.pending_slew_s)
-            except Exception:  # a bug in one source must not stop the others
-                log.exception("%s: poll failed", src.name)
-                measurement = None
-            if measurement is not None:
-                self._update(src)
-            elif self.selection is not None:
-                # A source that stops answering must leave the selection even
-                # when no other source brings in a sample to re-run it.
-                self._select(self.disciplined_now())
+                await self._poll_round(src)
+            except Exception as exc:
+                # Whatever a round raises, the source keeps being polled. Each
+                # kind of failure is logged once with its traceback, then counted.
+                self.loop_errors += 1
+                src.errors += 1
+                where = f"{type(exc).__name__}: {exc}"
+                if where not in src.logged_errors:
+                    src.logged_errors.add(where)
+                    log.exception("%s: poll round failed (round skipped, polling goes on)",
+                                  src.name)
             await asyncio.sleep(src.interval())
+
+    async def _poll_round(self, src: Source) -> None:
+        """One poll of ``src`` and what it does to selection and the clock."""
+        if not await self._resolve(src):
+            return
+        # nocerttimecheck N: certificate times are not checked until the
+        # clock has been updated N times (it may start out far off).
+        src.set_time_check(self.clock_updates >= self.config.nocerttimecheck)
+        measurement = await src.poll_once(asyncio.get_running_loop().time())
+        now = self.disciplined_now()
+        if measurement is None:
+            self.engine.poll_failed(src.key, now)
+            return
+        decision = self.engine.sample(src.key, now, exchange_of(measurement),
+                                      self.clock.pending_slew_s())
+        if decision.rejected is not None:
+            src.last_error = f"sample rejected: {decision.rejected}"
+            log.info("%s: sample rejected: %s", src.name, decision.rejected)
+        self._carry_out(decision, now)
 
     async def _resolve(self, src: Source) -> bool:
         """Resolve a named server's address (without threads); False to retry later."""
@@ -204,21 +243,11 @@ class ClientDaemon:
         src.load_dump(time.monotonic())
         return True
 
-    def _update(self, fresh: Source) -> None:
-        """Select, and update the clock when the selected source has a new sample.
-
-        Like chrony, a new sample from another source only re-runs selection:
-        the clock moves on the reference's own measurements, so the update
-        interval is that source's polling interval.
-        """
-        now = self.disciplined_now()
-        selection = self._select(now)
-        if selection.selected is not None and selection.selected != fresh.key \
-                and self.clock_updates > 0:
-            return
-        if self._waiting_for_others(fresh):
-            return
-        action = self.discipline.update(now, selection)
+    def _carry_out(self, decision: Decision, now: int) -> None:
+        """Apply the engine's correction to the clock and tell the engine it was done."""
+        action = decision.action
+        if decision.selection is not None:
+            self._note_selection(decision.selection)
         if action is None:
             return
         if action.step_s is not None:
@@ -228,47 +257,61 @@ class ClientDaemon:
         except OSError as exc:
             log.error("cannot adjust the clock: %s", exc)
             return
-        for src in self.sources:
-            src.stats.apply_correction(now, action.offset_correction_s,
-                                       action.frequency_change_ppm)
-        leap = int(selection.leap) if selection.leap in (Leap.INSERT_SECOND, Leap.DELETE_SECOND) \
-            else 0
-        if leap != self._leap_armed:
+        leap_ok = True
+        if decision.leap is not None:
             try:
-                self.clock.set_leap(leap)
-                self._leap_armed = leap
+                self.clock.set_leap(decision.leap)
             except OSError as exc:
+                leap_ok = False
                 log.error("cannot arm the leap second: %s", exc)
-        self.clock_updates += 1
+        self.engine.applied(now, decision, leap_ok)
         tracking = self.tracking()
+        self._tell_kernel(tracking)
         for callback in self.on_update:
-            callback(selection, tracking)
+            callback(decision.selection, tracking)
 
-    def _select(self, now: int) -> Selection:
-        """Run source selection over every source's statistics; keep the result."""
-        candidates = [
-            candidate_from_stats(
-                src.key, src.stats, now,
-                reachable=src.reach.reachable,
-                authenticated=src.cfg.nts,
-                prefer=src.cfg.prefer, noselect=src.cfg.noselect,
-                trust=src.cfg.trust, require=src.cfg.require,
-            )
-            for src in self.sources
-        ]
-        selection = select_sources(candidates, self.select_config, self.current)
-        self.selection = selection
-        self.current = selection.selected or self.current
-        return selection
+    def _tell_kernel(self, tracking: Tracking) -> None:
+        """Synchronised: the kernel's error estimates, as chronyd keeps them."""
+        sync = getattr(self.clock, "set_sync_status", None)
+        if sync is None:
+            return
+        try:
+            sync(True, tracking.root_delay / 2 + tracking.root_dispersion,
+                 tracking.rms_offset)
+        except OSError as exc:
+            log.error("cannot update the kernel's synchronisation status: %s", exc)
 
-    def _waiting_for_others(self, fresh: Source) -> bool:
-        """At start, hold the first clock update until the other answering sources
-        have as many samples as ``fresh`` (for up to 8 polls), as chrony does:
-        otherwise whichever server answers first, a falseticker too, sets the clock."""
-        if self.clock_updates > 0 or fresh.polls >= 8:
-            return False
-        return any(src.reach.reachable and src.stats.np < fresh.stats.np
-                   for src in self.sources if src is not fresh)
+    def _note_selection(self, selection: Selection) -> None:
+        """Log when the reference changes or is lost, once per change."""
+        name = selection.selected
+        if name == self._logged_reference:
+            return
+        if name is None:
+            log.warning("no reference selected: %s", selection.reason or "no source agrees")
+        else:
+            src = self._by_key(name)
+            log.info("selected source %s", src.name if src else name)
+        self._logged_reference = name
+
+    def _by_key(self, key: str) -> Source | None:
+        for src in self.sources:
+            if src.key == key:
+                return src
+        return None
+
+    @property
+    def selection(self) -> Selection | None:
+        """The latest selection round (None before the first)."""
+        return self.engine.selection
+
+    @property
+    def clock_updates(self) -> int:
+        """Clock updates carried out."""
+        return self.engine.updates
+
+    @property
+    def discipline(self) -> Discipline:
+        return self.engine.discipline
 
     def disciplined_now(self) -> int:
         """Now on the disciplined timescale: the clock plus its pending correction.
@@ -352,7 +395,7 @@ class ClientDaemon:
         raise KeyError(key)
 
     def tracking(self) -> Tracking:
-        return self.discipline.tracking(self.clock.pending_slew_s())
+        return self.engine.tracking(self.clock.pending_slew_s())
 
     def sources_view(self) -> list[dict[str, Any]]:
         now_ns = self.disciplined_now()

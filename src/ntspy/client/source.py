@@ -24,7 +24,8 @@ from ..net.tls import TrustConfig
 from ..proto.aead import info
 from ..proto.ntp import Leap
 from ..state import check_permissions, load_state, save_state, set_aside
-from ..sync.filter import ReachRegister, Sample, SourceStats
+from ..sync.engine import EngineSource, Exchange, SourceOptions
+from ..sync.filter import ReachRegister, SourceStats
 from .session import Measurement, NtsSession, PlainSession
 
 log = logging.getLogger("ntspy.client.source")
@@ -41,7 +42,6 @@ POLL_RAISE_AFTER = 4  # good samples in a row before the poll interval doubles
 MAX_POLL_LOG2 = 17  # RFC 5905's largest poll exponent (36 h)
 DUMP_KIND = "ntspy-nts-source"
 DUMP_VERSION = 1
-PHI = 15e-6  # RFC 5905 frequency tolerance: dispersion growth per second
 
 
 @dataclass(slots=True)
@@ -70,14 +70,18 @@ class Source:
         ntsrefresh: int = 2419200,
         timeout: float = 2.0,
         backoff_scale: float = 1.0,
+        sync: EngineSource | None = None,
     ) -> None:
+        """``sync`` is the engine's record of this source (statistics, reach);
+        a standalone one is made without it."""
         self.cfg = cfg
         self.clock = clock
         self.key = f"{cfg.name}#{next(self._ids)}"  # unique even for twice-configured names
         self.name = cfg.name if address is None or not cfg.pool else address
         self.timeout = timeout
-        self.reach = ReachRegister()
-        self.stats = SourceStats(cfg.maxsamples or 64)
+        self.sync = sync or EngineSource(self.key, SourceOptions(
+            authenticated=cfg.nts, prefer=cfg.prefer, noselect=cfg.noselect,
+            trust=cfg.trust, require=cfg.require), cfg.maxsamples or 64)
         self.poll = cfg.minpoll
         self.good_streak = 0
         self.polls = 0
@@ -88,6 +92,9 @@ class Source:
         self.last_rx: float | None = None  # monotonic
         self.last: Measurement | None = None
         self.last_error = ""
+        self.errors = 0
+        """Poll rounds of this source that raised (bugs; logged once per kind)."""
+        self.logged_errors: set[str] = set()
         self.dumpdir = dumpdir
         self.dump_path: Path | None = None
         self._trust = trust or (lambda _set: TrustConfig())
@@ -112,6 +119,16 @@ class Source:
             )
         else:
             self.session = PlainSession(address, cfg.port, timeout=self.timeout, clock=self.clock)
+
+    @property
+    def stats(self) -> SourceStats:
+        """The source's sample statistics (kept by the sync engine)."""
+        return self.sync.stats
+
+    @property
+    def reach(self) -> ReachRegister:
+        """The reach register (kept by the sync engine)."""
+        return self.sync.reach
 
     # -- scheduling ----------------------------------------------------------
 
@@ -206,37 +223,21 @@ class Source:
 
     # -- polling -------------------------------------------------------------
 
-    async def poll_once(self, now: float,
-                        pending: Callable[[], float] | None = None) -> Measurement | None:
-        """One exchange; updates reach, statistics and the poll interval.
+    async def poll_once(self, now: float) -> Measurement | None:
+        """One exchange at monotonic time ``now``; updates the poll interval.
 
-        ``pending`` tells how far the clock is behind the disciplined
-        timescale (the clock's pending correction; with ``-x`` every
-        correction ever made): samples are kept on that timescale, the one
-        the daemon's corrections and selection work on.
+        Returns the measurement (None when the poll got no usable answer) for
+        the daemon to hand to the sync engine, which owns reach and statistics.
         """
         self.polls += 1
         in_burst = self.iburst_left > 0
         if in_burst:
             self.iburst_left -= 1
         measurement = await self._exchange(now)
-        self.reach.update(measurement is not None)
         if measurement is None:
             self.good_streak = 0
             return None
         self.last, self.last_rx, self.last_error = measurement, now, ""
-        bias = pending() if pending is not None else 0.0
-        self.stats.add(Sample(
-            time=measurement.t4 + round(bias * 1e9),
-            offset=measurement.offset - bias,
-            delay=measurement.delay,
-            dispersion=2.0 ** measurement.precision + PHI * measurement.delay,
-            root_delay=measurement.root_delay,
-            root_dispersion=measurement.root_dispersion,
-            stratum=measurement.stratum,
-            leap=Leap(measurement.leap),
-            authenticated=measurement.authenticated,
-        ))
         # Burst samples come 2 s apart: they say nothing about whether the
         # source is steady over the poll interval, so the interval stays.
         if not in_burst:
@@ -313,6 +314,17 @@ class Source:
                 "last_error": self.ke.last_error,
             })
         return row
+
+
+def exchange_of(m: Measurement) -> Exchange:
+    """The sync engine's view of a measurement."""
+    try:
+        leap = Leap(m.leap)
+    except ValueError:
+        leap = Leap.UNSYNCHRONIZED
+    return Exchange(t1=m.t1, t2=m.t2, t3=m.t3, t4=m.t4, root_delay=m.root_delay,
+                    root_dispersion=m.root_dispersion, precision=m.precision,
+                    stratum=m.stratum, leap=leap, authenticated=m.authenticated)
 
 
 def _is_ip(text: str) -> bool:

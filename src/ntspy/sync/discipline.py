@@ -127,9 +127,11 @@ class Discipline:
         skew_ppm: float = UNKNOWN_SKEW_PPM,
         corr_time_ratio: float = DEFAULT_CORR_TIME_RATIO,
         max_update_skew: float = DEFAULT_MAX_UPDATE_SKEW,
+        max_drift_ppm: float = MAX_DRIFT_PPM,
     ) -> None:
         """``frequency_ppm``/``skew_ppm`` usually come from the drift file."""
         self.makestep = makestep
+        self.max_drift_ppm = max_drift_ppm
         self.corr_time_ratio = corr_time_ratio
         self.max_update_skew = max_update_skew
         self.updates = 0
@@ -168,7 +170,7 @@ class Discipline:
         Returns None, leaving the clock alone, when the selection is not
         synchronised.
         """
-        if not selection.synchronised:
+        if not selection.synchronised or not math.isfinite(selection.offset):
             return None
         offset = selection.offset
         if self._last_update_ns is not None:
@@ -176,7 +178,8 @@ class Discipline:
         self._last_update_ns = now_ns
 
         dfreq = 0.0
-        if selection.skew_ppm < self.max_update_skew:
+        if (math.isfinite(selection.frequency_ppm) and selection.skew_ppm > 0
+                and selection.skew_ppm < self.max_update_skew):
             # The regression ran on samples already expressed on the corrected
             # clock, so the old estimate and the new one overlap; flooring the
             # old skew at the new one keeps at least half of each residual and
@@ -187,7 +190,10 @@ class Discipline:
             dfreq = gain * selection.frequency_ppm
             self._frequency += dfreq
             self._skew = old * new / math.hypot(old, new)
-        self._residual = selection.frequency_ppm - dfreq
+            # chrony's maxdrift: never ask for a frequency no clock has.
+            self._frequency = max(-self.max_drift_ppm, min(self.max_drift_ppm, self._frequency))
+        self._residual = (selection.frequency_ppm - dfreq
+                          if math.isfinite(selection.frequency_ppm) else 0.0)
 
         step: float | None = None
         slew = offset

@@ -163,7 +163,7 @@ def _intersection(intervals: list[tuple[float, float, bool]]) -> tuple[float, fl
         edges.append((high, 1, trusted))
     edges.sort(key=lambda e: (e[0], e[1]))
     depth = trusted_depth = 0
-    best = (-1, -1)
+    best = (0, 0)
     lo = hi = 0.0
     for i, (point, kind, trusted) in enumerate(edges):
         if kind < 0:
@@ -172,11 +172,34 @@ def _intersection(intervals: list[tuple[float, float, bool]]) -> tuple[float, fl
             if (trusted_depth, depth) > best:
                 best = (trusted_depth, depth)
                 lo = point
-                hi = edges[i + 1][0]  # next edge closes the region of this depth
+                # The next edge closes the region of this depth; an inverted
+                # interval (low > high) can leave none, and then the region is
+                # the point itself.
+                hi = edges[i + 1][0] if i + 1 < len(edges) else point
         else:
             depth -= 1
             trusted_depth -= trusted
     return lo, hi, best[1], best[0]
+
+
+def _sound(c: Candidate) -> bool:
+    """Whether a candidate's numbers can describe a real source at all.
+
+    A NaN, an infinity or a negative distance cannot come from honest
+    statistics; such a candidate is unusable rather than a reason to fail.
+    """
+    return (math.isfinite(c.offset) and math.isfinite(c.distance) and c.distance >= 0
+            and math.isfinite(c.jitter) and c.jitter >= 0)
+
+
+def _skew(c: Candidate) -> float:
+    """The candidate's skew bounded to what weighting can use."""
+    s = c.skew_ppm
+    return min(max(s, 1e-9), UNKNOWN_SKEW_PPM) if math.isfinite(s) else UNKNOWN_SKEW_PPM
+
+
+def _freq(c: Candidate) -> float:
+    return c.frequency_ppm if math.isfinite(c.frequency_ppm) else 0.0
 
 
 def select_sources(
@@ -195,8 +218,8 @@ def select_sources(
 
     usable: list[int] = []
     for i, c in enumerate(candidates):
-        if (opts[i].noselect or not c.reachable or not c.has_samples
-                or not math.isfinite(c.distance) or c.distance > cfg.max_distance):
+        if (opts[i].noselect or not c.reachable or not c.has_samples or not _sound(c)
+                or c.distance > cfg.max_distance):
             continue
         if c.jitter > cfg.max_jitter:
             states[c.name] = SourceState.JITTERY
@@ -257,17 +280,16 @@ def select_sources(
         if c.distance >= best.distance * cfg.combine_limit:
             continue
         # Frequencies must agree within their error bounds (chrony combinelimit).
-        if abs(c.frequency_ppm - best.frequency_ppm) > cfg.combine_limit * (c.skew_ppm
-                                                                             + best.skew_ppm):
+        if abs(_freq(c) - _freq(best)) > cfg.combine_limit * (_skew(c) + _skew(best)):
             continue
         states[c.name] = SourceState.COMBINED
         combined.append(i)
 
     w_off = [1.0 / max(candidates[i].distance, 1e-9) for i in combined]
-    w_freq = [1.0 / max(candidates[i].skew_ppm, 1e-9) ** 2 for i in combined]
+    w_freq = [1.0 / _skew(candidates[i]) ** 2 for i in combined]
     offset = sum(w * candidates[i].offset for w, i in zip(w_off, combined, strict=True))
     error = sum(w * candidates[i].distance for w, i in zip(w_off, combined, strict=True))
-    freq = sum(w * candidates[i].frequency_ppm for w, i in zip(w_freq, combined, strict=True))
+    freq = sum(w * _freq(candidates[i]) for w, i in zip(w_freq, combined, strict=True))
     return Selection(
         states=states,
         synchronised=True,

@@ -26,19 +26,14 @@ from dataclasses import dataclass, field
 
 from ntspy.proto.ntp import Leap
 from ntspy.sync.discipline import ClockAction, Discipline, Tracking, apply_action
-from ntspy.sync.filter import PHI, ReachRegister, Sample, SourceStats
-from ntspy.sync.select import (
-    SelectConfig,
-    Selection,
-    SourceState,
-    candidate_from_stats,
-    select_sources,
-)
+from ntspy.sync.engine import Exchange, SourceOptions, SyncEngine
+from ntspy.sync.filter import SourceStats
+from ntspy.sync.select import SelectConfig, Selection, SourceState
 
 DEFAULT_MAX_SLEW_PPM = 1e6 / 12
 """chrony's default ``maxslewrate`` (83333.333 ppm)."""
-CLOCK_PRECISION = 2.0**-20
-"""Reading precision assumed for both ends, seconds (about 1 us)."""
+CLOCK_PRECISION_LOG2 = -20
+"""Reading precision assumed for the servers, log2 seconds (about 1 us)."""
 _NS = 1_000_000_000
 
 
@@ -147,7 +142,7 @@ class SimServer:
 
 
 def measure(clock: SimClock, server: SimServer, rng: random.Random,
-            elapsed_s: float) -> Sample:
+            elapsed_s: float) -> Exchange:
     """One client/server exchange starting now, as the four timestamps see it."""
     d1 = server.one_way_delay_s + rng.expovariate(1.0 / server.jitter_s)
     d2 = server.one_way_delay_s + rng.expovariate(1.0 / server.jitter_s)
@@ -155,18 +150,15 @@ def measure(clock: SimClock, server: SimServer, rng: random.Random,
     true_t2 = true_t1 + round(d1 * _NS)
     true_t4 = true_t2 + round(d2 * _NS)
     server_err_ns = round(server.error_at(elapsed_s) * _NS)
-    t1 = clock.local_at(true_t1)
-    t2 = t3 = true_t2 + server_err_ns
-    t4 = clock.local_at(true_t4)
-    offset = ((t2 - t1) + (t3 - t4)) / 2 / _NS
-    delay = ((t4 - t1) - (t3 - t2)) / _NS
-    return Sample(
-        time=t4,
-        offset=offset,
-        delay=delay,
-        dispersion=2 * CLOCK_PRECISION + PHI * delay,
+    t2 = true_t2 + server_err_ns
+    return Exchange(
+        t1=clock.local_at(true_t1),
+        t2=t2,
+        t3=t2,
+        t4=clock.local_at(true_t4),
         root_delay=server.root_delay,
         root_dispersion=server.root_dispersion,
+        precision=CLOCK_PRECISION_LOG2,
         stratum=server.stratum,
         leap=Leap.NONE,
         authenticated=server.authenticated,
@@ -229,48 +221,48 @@ def simulate(
     select_config: SelectConfig | None = None,
     maxsamples: int = 64,
 ) -> Trace:
-    """Run filter + selection + discipline over ``seconds`` of virtual time.
+    """Run the daemon's sync engine over ``seconds`` of virtual time.
 
-    Every ``poll`` seconds each source is measured once, the sources are
-    selected and the clock is updated.  ``initial_offset_s`` is how far the
+    Every ``poll`` seconds each source is measured once and handed to
+    :class:`~ntspy.sync.engine.SyncEngine`, as the daemon does with each
+    answered poll; its corrections are applied to the simulated clock.  ``initial_offset_s`` is how far the
     local clock starts ahead of true time.
     """
     rng = random.Random(seed)
     clock = SimClock(rng, offset_s=initial_offset_s, frequency_error_ppm=frequency_error_ppm,
                      wander_ppm_per_sqrt_s=wander_ppm_per_sqrt_s)
-    discipline = Discipline(makestep=makestep)
-    stats = {s.name: SourceStats(maxsamples=maxsamples) for s in sources}
-    reach = {s.name: ReachRegister() for s in sources}
+    engine = SyncEngine(Discipline(makestep=makestep), select_config)
+    for s in sources:
+        engine.add_source(s.name, SourceOptions(
+            authenticated=s.authenticated, prefer=s.prefer, noselect=s.noselect,
+            trust=s.trust, require=s.require), maxsamples)
     start_ns = clock.true_ns
     poll_ns = round(poll * _NS)
     rows: list[TraceRow] = []
     selections: list[Selection] = []
-    current: str | None = None
     for _ in range(int(seconds / poll)):
         clock.advance(poll_ns)
         elapsed = (clock.true_ns - start_ns) / _NS
+        actions: list[ClockAction] = []
+        selection: Selection | None = None
+        # The daemon's sequence: each answered poll goes through the engine,
+        # which selects and decides whether this sample may move the clock.
         for server in sources:
-            reach[server.name].update(server.reachable)
-            if server.reachable:
-                sample = measure(clock, server, rng, elapsed)
-                # Measure against the disciplined timescale (see filter.py).
-                sample.offset -= clock.pending_slew_s()
-                stats[server.name].add(sample)
-        now = clock.now_ns()
-        candidates = [
-            candidate_from_stats(s.name, stats[s.name], now, reachable=reach[s.name].reachable,
-                                 authenticated=s.authenticated, prefer=s.prefer,
-                                 noselect=s.noselect, trust=s.trust, require=s.require)
-            for s in sources
-        ]
-        selection = select_sources(candidates, select_config, current)
-        selections.append(selection)
-        current = selection.selected or current
-        action = discipline.update(now, selection)
-        if action is not None:
-            apply_action(clock, action)
-            for st in stats.values():
-                st.apply_correction(now, action.offset_correction_s, action.frequency_change_ppm)
-        rows.append(TraceRow(elapsed, clock.error_s, selection.synchronised, selection.selected,
-                             dict(selection.states), action))
-    return Trace(rows, discipline.tracking(clock.pending_slew_s()), stats, selections)
+            pending = clock.pending_slew_s()
+            now = clock.now_ns() + round(pending * _NS)
+            if not server.reachable:
+                decision = engine.poll_failed(server.name, now)
+            else:
+                decision = engine.sample(server.name, now, measure(clock, server, rng, elapsed),
+                                         pending)
+            selection = decision.selection or selection
+            if decision.action is not None:
+                apply_action(clock, decision.action)
+                engine.applied(now, decision)
+                actions.append(decision.action)
+        final = engine.selection or selection or Selection({}, False, "no poll yet")
+        selections.append(final)
+        rows.append(TraceRow(elapsed, clock.error_s, final.synchronised, final.selected,
+                             dict(final.states), actions[-1] if actions else None))
+    return Trace(rows, engine.tracking(clock.pending_slew_s()),
+                 {k: v.stats for k, v in engine.sources.items()}, selections)
