@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from ntspy.errors import StateFileError
 from ntspy.proto.ntp import Leap
-from ntspy.sync.discipline import ClockAction, Discipline, apply_action, format_drift, parse_drift
+from ntspy.sync.discipline import (
+    ClockAction,
+    Discipline,
+    apply_action,
+    format_drift,
+    parse_drift,
+    slew_duration,
+)
 from ntspy.sync.select import Selection, SourceState
 from ntspy.sync.sim import SimClock
 
@@ -55,11 +62,18 @@ def test_not_synchronised_leaves_the_clock_alone() -> None:
     assert d.tracking().leap == Leap.UNSYNCHRONIZED
 
 
-def test_slew_time_follows_update_interval() -> None:
+def test_slew_time_is_inversely_proportional_to_the_offset() -> None:
+    # chrony's corrtimeratio: an offset as large as the estimate's error takes
+    # ratio x update interval to slew; ten times larger, a tenth of that.
     d = Discipline(corr_time_ratio=3.0)
     d.update(T0, synced(0.001))
-    action = d.update(T0 + 64 * S, synced(0.001))
-    assert action is not None and action.slew_time_s == pytest.approx(192.0)
+    selection = synced(0.001)
+    selection.offset_sd = 1e-4
+    action = d.update(T0 + 64 * S, selection)
+    assert action is not None
+    assert slew_duration(action.correction_rate, 1e-4) == pytest.approx(192.0)
+    assert slew_duration(action.correction_rate, 1e-3) == pytest.approx(19.2)
+    assert slew_duration(action.correction_rate, 0.0) == 0.0
 
 
 def test_frequency_follows_confident_estimates_only() -> None:

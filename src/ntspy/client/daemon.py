@@ -79,6 +79,7 @@ class ClientDaemon:
         """Poll rounds that raised, and tasks restarted (each is a bug)."""
         self._logged_reference: str | None = None
         self._stopping = False
+        self._maintenance: asyncio.TimerHandle | None = None
         self._tasks: dict[Source, asyncio.Task[None]] = {}
         self._resolver = self.options.resolver
         self._started = time.monotonic()
@@ -169,6 +170,16 @@ class ClientDaemon:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+        finish = getattr(self.clock, "finish", None)
+        if finish is not None:
+            try:
+                left = finish()
+                if left:
+                    log.info("stopped slewing with %+.9f s left uncorrected", left)
+            except OSError as exc:
+                log.error("cannot end the clock's slew: %s", exc)
         for src in list(self.sources):
             await self._remove(src)
         self._save_drift()
@@ -265,10 +276,36 @@ class ClientDaemon:
                 leap_ok = False
                 log.error("cannot arm the leap second: %s", exc)
         self.engine.applied(now, decision, leap_ok)
+        self._schedule_clock_maintenance()
         tracking = self.tracking()
         self._tell_kernel(tracking)
         for callback in self.on_update:
             callback(decision.selection, tracking)
+
+    def _schedule_clock_maintenance(self) -> None:
+        """Wake up exactly when the clock's slew is due to end (frequency slews
+        overshoot by the rate times any lateness)."""
+        due = getattr(self.clock, "next_maintenance_s", None)
+        if due is None:
+            return
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            self._maintenance = None
+        delay = due()
+        if delay is not None:
+            self._maintenance = asyncio.get_running_loop().call_later(
+                delay, self._maintain_clock)
+
+    def _maintain_clock(self) -> None:
+        self._maintenance = None
+        try:
+            self.clock.maintain()
+        except OSError as exc:
+            log.error("cannot end the clock's slew: %s", exc)
+        except Exception:
+            self.loop_errors += 1
+            log.exception("clock maintenance failed")
+        self._schedule_clock_maintenance()
 
     def _tell_kernel(self, tracking: Tracking) -> None:
         """Synchronised: the kernel's error estimates, as chronyd keeps them."""

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         clock: ClockControl = MeasureOnlyClock() if args.no_clock_control \
-            else SystemClockControl()
+            else SystemClockControl(config.maxslewrate)
         return asyncio.run(_main(config, clock, ClientOptions(restore_time=args.restore_time)))
     except (ConfigError, CertificateError) as exc:
         print(f"ntspy: {exc}", file=sys.stderr)

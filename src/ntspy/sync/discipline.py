@@ -33,6 +33,8 @@ DEFAULT_CORR_TIME_RATIO = 3.0
 DEFAULT_MAX_UPDATE_SKEW = 1000.0
 MAX_DRIFT_PPM = 500000.0
 """chrony's default ``maxdrift``; a drift file beyond it is not a clock we know."""
+MIN_OFFSET_SD = 1e-9
+"""Floor of the offset error used for the correction rate, seconds."""
 RMS_AVERAGING = 0.125
 """Weight of a new offset in the long-term RMS offset (an exponential average)."""
 _NS = 1e-9
@@ -48,8 +50,10 @@ class ClockAction:
     """Seconds to add to the pending slew (positive: gain time)."""
     frequency_ppm: float
     """Total frequency correction to set, ppm (positive: run faster)."""
-    slew_time_s: float = 0.0
-    """Over how long to spread the new slew; 0 = as fast as the clock allows."""
+    correction_rate: float = 0.0
+    """chrony's correction rate, s^2: the pending offset ``x`` is slewed away
+    over ``correction_rate / |x|`` seconds, so large errors go fast and small
+    ones (mostly noise) slowly; 0 = as fast as the clock allows."""
     frequency_change_ppm: float = 0.0
     """How much :attr:`frequency_ppm` differs from the previous correction."""
 
@@ -86,13 +90,25 @@ class DisciplinedClock(Protocol):
         ...
 
 
+def slew_duration(correction_rate: float, pending_s: float) -> float:
+    """How long to take over correcting ``pending_s`` (0: as fast as allowed)."""
+    if correction_rate <= 0 or not pending_s or not math.isfinite(pending_s):
+        return 0.0
+    return correction_rate / abs(pending_s)
+
+
 def apply_action(clock: DisciplinedClock, action: ClockAction) -> None:
-    """Carry out ``action`` on ``clock``."""
+    """Carry out ``action`` on ``clock``.
+
+    The new offset joins what is still pending, and all of it is slewed over
+    the duration the correction rate gives for the total.
+    """
     clock.set_frequency(action.frequency_ppm)
     if action.step_s is not None:
         clock.step(action.step_s)
     if action.slew_offset_s:
-        clock.slew(action.slew_offset_s, action.slew_time_s)
+        total = clock.pending_slew_s() + action.slew_offset_s
+        clock.slew(action.slew_offset_s, slew_duration(action.correction_rate, total))
 
 
 @dataclass(slots=True)
@@ -215,7 +231,10 @@ class Discipline:
             step_s=step,
             slew_offset_s=slew,
             frequency_ppm=self._frequency,
-            slew_time_s=self.corr_time_ratio * self._interval,
+            # chrony's corrtimeratio: an offset of the size the estimate's
+            # error predicts takes corr_time_ratio update intervals to slew.
+            correction_rate=self.corr_time_ratio * self._interval
+            * max(selection.offset_sd, MIN_OFFSET_SD),
             frequency_change_ppm=dfreq,
         )
 

@@ -172,7 +172,8 @@ class SyncEngine:
         reason = check_exchange(
             exchange.t1, exchange.t2, exchange.t3, exchange.t4,
             root_delay=exchange.root_delay, root_dispersion=exchange.root_dispersion,
-            dispersion=exchange.dispersion, limits=self.limits,
+            dispersion=exchange.dispersion, precision=exchange.precision,
+            limits=self.limits,
         )
         if reason is None and src.stats.last_sample is not None \
                 and exchange.t4 + round(pending_s * 1e9) < src.stats.last_sample.time:
@@ -189,7 +190,9 @@ class SyncEngine:
         src.stats.add(Sample(
             time=exchange.t4 + round(pending_s * 1e9),
             offset=exchange.offset - pending_s,
-            delay=exchange.delay,
+            # RFC 5905 s8: a round trip is never taken as shorter than the
+            # precision allows (a rounding-negative one becomes ~0).
+            delay=max(exchange.delay, 2.0 ** max(-64, min(0, exchange.precision))),
             dispersion=exchange.dispersion,
             root_delay=exchange.root_delay,
             root_dispersion=exchange.root_dispersion,

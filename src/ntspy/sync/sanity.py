@@ -23,6 +23,9 @@ SERVER_TIME_SPAN_NS = 100 * 365 * 86400 * 1_000_000_000
 """A server's time must lie within this span after :data:`SERVER_TIME_MIN_NS`.
 A server that is merely far off (an hour, a year) passes: telling it apart from
 the others is selection's job, not this sanity check's."""
+LOCAL_PRECISION = 1e-6
+"""Our own timestamps' resolution as assumed here, seconds (kernel timestamps
+are finer; a microsecond covers the user-space fallback)."""
 DEFAULT_MAX_DELAY = 3.0
 """chrony's ``maxdelay``: a round trip longer than this is no measurement."""
 
@@ -57,9 +60,12 @@ def check_exchange(
     root_delay: float,
     root_dispersion: float,
     dispersion: float,
+    precision: int = -20,
     limits: SampleLimits | None = None,
 ) -> SampleReject | None:
     """Whether the exchange ``t1..t4`` may become a sample; the reason if not.
+
+    ``precision`` is the server's announced precision (log2 seconds).
 
     The root distance checked is the one the sample would enter selection
     with: the server's root delay / 2 + root dispersion plus our half round
@@ -74,16 +80,21 @@ def check_exchange(
     for t in (t2, t3):
         if not SERVER_TIME_MIN_NS <= t <= SERVER_TIME_MIN_NS + SERVER_TIME_SPAN_NS:
             return SampleReject.SERVER_TIME_IMPLAUSIBLE
+    # Timestamps are only as good as their precision: servers (chronyd
+    # among them) fuzz the bits below it, so T3 can read a hair before T2 and
+    # a round trip on a fast path a hair below zero.  Within the precisions
+    # that is rounding; beyond them the times cannot be of a real exchange.
+    tolerance = 2.0 ** max(-64, min(0, precision)) + LOCAL_PRECISION
     if t4 < t1:
         return SampleReject.LOCAL_TIME_REVERSED
-    if t3 < t2:
+    if (t2 - t3) / 1e9 > tolerance:
         return SampleReject.SERVER_TIME_REVERSED
     delay = ((t4 - t1) - (t3 - t2)) / 1e9
-    if delay < 0:
+    if delay < -tolerance:
         return SampleReject.NEGATIVE_DELAY
     if delay > lim.max_delay:
         return SampleReject.DELAY_TOO_LONG
-    distance = root_delay / 2 + root_dispersion + delay / 2 + dispersion
+    distance = root_delay / 2 + root_dispersion + max(delay, 0.0) / 2 + dispersion
     if not distance <= lim.max_distance:
         return SampleReject.ROOT_DISTANCE
     return None

@@ -78,6 +78,8 @@ class Candidate:
     root_delay: float = 0.0
     root_dispersion: float = 0.0
     leap: Leap = Leap.NONE
+    offset_sd: float = 0.0
+    """Standard error of :attr:`offset`, seconds."""
 
 
 @dataclass(slots=True)
@@ -106,6 +108,8 @@ class Selection:
     """Combined offset, seconds."""
     error: float = 0.0
     """Combined error bound (1/distance-weighted distance), seconds."""
+    offset_sd: float = 0.0
+    """Standard error of the combined :attr:`offset`, seconds."""
     frequency_ppm: float = 0.0
     """Combined residual frequency (weighted by 1/skew^2), ppm."""
     skew_ppm: float = UNKNOWN_SKEW_PPM
@@ -196,6 +200,10 @@ def _skew(c: Candidate) -> float:
     """The candidate's skew bounded to what weighting can use."""
     s = c.skew_ppm
     return min(max(s, 1e-9), UNKNOWN_SKEW_PPM) if math.isfinite(s) else UNKNOWN_SKEW_PPM
+
+
+def _sd(c: Candidate) -> float:
+    return c.offset_sd if math.isfinite(c.offset_sd) and c.offset_sd >= 0 else c.distance
 
 
 def _freq(c: Candidate) -> float:
@@ -290,12 +298,15 @@ def select_sources(
     offset = sum(w * candidates[i].offset for w, i in zip(w_off, combined, strict=True))
     error = sum(w * candidates[i].distance for w, i in zip(w_off, combined, strict=True))
     freq = sum(w * _freq(candidates[i]) for w, i in zip(w_freq, combined, strict=True))
+    sd = math.sqrt(sum((w * _sd(candidates[i])) ** 2 for w, i in zip(w_off, combined,
+                                                                      strict=True)))
     return Selection(
         states=states,
         synchronised=True,
         selected=best.name,
         offset=offset / sum(w_off),
         error=error / sum(w_off),
+        offset_sd=sd / sum(w_off),
         frequency_ppm=freq / sum(w_freq),
         skew_ppm=1.0 / math.sqrt(sum(w_freq)),
         stratum=best.stratum,
@@ -346,4 +357,5 @@ def candidate_from_stats(
         root_delay=last.root_delay + last.delay,
         root_dispersion=last.root_dispersion + last.dispersion,
         leap=last.leap,
+        offset_sd=stats.offset_error_at(now_ns),
     )

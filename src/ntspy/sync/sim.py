@@ -24,6 +24,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ntspy.clock import MIN_SLEW_S
 from ntspy.proto.ntp import Leap
 from ntspy.sync.discipline import ClockAction, Discipline, Tracking, apply_action
 from ntspy.sync.engine import Exchange, SourceOptions, SyncEngine
@@ -99,7 +100,7 @@ class SimClock:
     def slew(self, offset_s: float, duration_s: float) -> None:
         """Add to the pending correction, spread over ``duration_s`` (0 = fastest)."""
         self._pending += offset_s
-        wanted = abs(self._pending) / duration_s if duration_s > 0 else self.max_slew
+        wanted = abs(self._pending) / max(duration_s, MIN_SLEW_S)
         self._slew_rate = min(self.max_slew, wanted)
 
     def set_frequency(self, ppm: float) -> None:
@@ -225,8 +226,8 @@ def simulate(
 
     Every ``poll`` seconds each source is measured once and handed to
     :class:`~ntspy.sync.engine.SyncEngine`, as the daemon does with each
-    answered poll; its corrections are applied to the simulated clock.  ``initial_offset_s`` is how far the
-    local clock starts ahead of true time.
+    answered poll; its corrections are applied to the simulated clock.
+    ``initial_offset_s`` is how far the local clock starts ahead of true time.
     """
     rng = random.Random(seed)
     clock = SimClock(rng, offset_s=initial_offset_s, frequency_error_ppm=frequency_error_ppm,
