@@ -88,6 +88,21 @@ class ClockControl(Clock, Protocol):
         ...
 
 
+@runtime_checkable
+class SlewingClock(Protocol):
+    """A clock whose slews need the adapter's help: :meth:`maintain` must run
+    when :meth:`next_maintenance_s` says, and :meth:`finish` at exit."""
+
+    def next_maintenance_s(self) -> float | None: ...
+
+    def maintain(self) -> None: ...
+
+    def finish(self) -> float: ...
+
+    def set_sync_status(self, synchronised: bool, max_error_s: float,
+                        est_error_s: float) -> None: ...
+
+
 class MeasureOnlyClock(SystemClock):
     """The system clock left free-running (``chronyd -x``).
 
@@ -324,9 +339,12 @@ class SystemClockControl(SystemClock):
     def slew(self, offset_s: float, duration_s: float = 0.0) -> None:
         """Add ``offset_s`` to the pending correction and slew all of it over
         ``duration_s`` (at least :data:`MIN_SLEW_S`, at most ``max_slew_ppm``)."""
+        if not math.isfinite(offset_s):
+            raise ValueError(f"slew offset must be finite, not {offset_s}")
         now = self._account()
         self._pending += offset_s
-        self._plan(now, duration_s)
+        # An unknown duration (NaN) means no preference: the shortest slew.
+        self._plan(now, duration_s if duration_s == duration_s else 0.0)
 
     def pending_slew_s(self) -> float:
         self._account()

@@ -15,7 +15,7 @@ import pytest
 
 from ntspy.client.daemon import TIME_FILE, ClientDaemon, ClientOptions
 from ntspy.client.ke import KeResult
-from ntspy.client.session import Measurement, NtsSession, PlainSession
+from ntspy.client.session import Measurement, NtsSession
 from ntspy.client.source import (
     IBURST_INTERVAL,
     KE_BACKOFF_CONNECT_LOG2,
@@ -223,24 +223,56 @@ async def test_ke_backoff_doubles_from_chrony_intervals(exc: Exception, first_lo
 # -- polling ---------------------------------------------------------------------------
 
 
-async def test_poll_interval_grows_from_minpoll_to_maxpoll() -> None:
-    src = Source(source_config("server 127.0.0.1 minpoll 2 maxpoll 4"), FakeClock())
-    assert isinstance(src.session, PlainSession)
-    t4 = NOW
+class VirtualClock(FakeClock):
+    """Corrections are never applied but stay pending, as with ``-x``: a measured
+    offset then reads as corrected, the way the sync engine expects."""
+
+    def pending_slew_s(self) -> float:
+        return sum(self.slews) + sum(self.steps)
+
+
+async def test_poll_interval_follows_how_well_the_samples_fit(tmp_path: Path) -> None:
+    clock = VirtualClock()
+    daemon = ClientDaemon(config(tmp_path, "server 127.0.0.1 minpoll 2 maxpoll 4"), clock)
+    daemon.sources = await daemon._make_sources(daemon.configured_sources())
+    (src,) = daemon.sources
+    offset = 0.001
+
+    async def steady() -> Measurement:
+        return measurement(offset=offset, t4=clock.now)
+
+    src.session.measure = steady  # type: ignore[method-assign]
+    polls = []
+    for _ in range(60):
+        clock.now += round(src.interval() * 1e9)
+        await daemon._poll_round(src)
+        polls.append(src.poll)
+    # Samples that keep fitting one line: the interval grows to maxpoll, never shrinking.
+    assert polls[0] == 2 and polls[-1] == 4
+    assert polls == sorted(polls)
+    # A sample far from the prediction: the source is not tracked well, poll faster.
+    offset += 0.05
+    clock.now += round(src.interval() * 1e9)
+    await daemon._poll_round(src)
+    assert src.poll < 4
+
+
+async def test_burst_samples_do_not_change_the_interval() -> None:
+    src = Source(source_config("server 127.0.0.1 iburst minpoll 6 maxpoll 10"), FakeClock())
 
     async def good() -> Measurement:
-        nonlocal t4
-        t4 += 10**9
-        return measurement(t4=t4)
+        return measurement(t4=NOW + src.polls * 10**9)
 
     src.session.measure = good  # type: ignore[method-assign]
-    polls = []
-    for _ in range(14):
-        assert await src.poll_once(0.0) is not None
-        polls.append(src.poll)
-    assert polls[0] == 2 and polls[-1] == 4
-    assert polls == sorted(polls)  # never shrinks while samples are good
-    assert src.last is not None and src.last_error == ""
+    intervals = []
+    for _ in range(6):
+        await src.poll_once(0.0)
+        src.adjust_poll(5.0)  # whatever the advice, a burst sample does not count
+        intervals.append(src.interval())
+    # The first poll goes out at once; the burst's next three follow 2 s apart.
+    assert intervals[:3] == [IBURST_INTERVAL] * 3
+    assert intervals[3] == 64.0
+    assert src.poll > 6  # after the burst, advice counts again
 
 
 async def test_failed_polls_do_not_raise_the_interval() -> None:
@@ -254,26 +286,6 @@ async def test_failed_polls_do_not_raise_the_interval() -> None:
     for _ in range(10):
         assert await src.poll_once(0.0) is None
     assert src.poll == 2 and src.reach.value == 0
-
-
-async def test_iburst_spacing_then_poll_interval() -> None:
-    src = Source(source_config("server 127.0.0.1 iburst minpoll 6 maxpoll 10"), FakeClock())
-
-    async def good() -> Measurement:
-        return measurement(t4=NOW + src.polls * 10**9)
-
-    src.session.measure = good  # type: ignore[method-assign]
-    intervals = []
-    for _ in range(6):
-        await src.poll_once(0.0)
-        intervals.append(src.interval())
-    # The first poll goes out at once; the burst's next three follow 2 s apart,
-    # then minpoll: burst samples do not count towards a longer interval.
-    assert intervals[:3] == [IBURST_INTERVAL] * 3
-    assert intervals[3:] == [64.0] * 3
-    for _ in range(4):
-        await src.poll_once(0.0)
-    assert src.interval() == 128.0
 
 
 async def test_leap_second_announced_by_the_source_is_armed_in_the_clock(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from ntspy.sync.filter import PHI, ReachRegister, Sample, SourceStats, count_runs
+from ntspy.sync.filter import MAX_CLOCK_ERROR, PHI, ReachRegister, Sample, SourceStats, count_runs
 
 S = 1_000_000_000
 T0 = 1_700_000_000 * S
@@ -104,7 +104,9 @@ def test_offset_jump_discards_old_samples() -> None:
     last = feed(stats, 40, 0.0, 1e-4, 3)
     rng = random.Random(4)
     for i in range(1, 13):
-        stats.add(Sample(time=last + i * 16 * S, offset=0.5 + rng.gauss(0.0, 1e-4), delay=0.02))
+        # The same path as before: only the source's offset jumped.
+        stats.add(Sample(time=last + i * 16 * S, offset=0.5 + rng.gauss(0.0, 1e-4),
+                         delay=0.02 + rng.random() * 1e-3))
         if i == 1:
             # The runs test saw two regimes at once and let most of the old one go.
             assert stats.np < 20
@@ -141,7 +143,19 @@ def test_root_distance_grows_with_age() -> None:
                      root_delay=0.01, root_dispersion=0.002))
     d0 = stats.root_distance(T0)
     assert d0 == pytest.approx(0.005 + 0.002 + 0.01 + 1e-5)
-    assert stats.root_distance(T0 + 1000 * S) == pytest.approx(d0 + PHI * 1000)
+    # Without a frequency estimate the error grows at PHI plus our own clock's error.
+    assert stats.root_distance(T0 + 1000 * S) == pytest.approx(
+        d0 + (PHI + MAX_CLOCK_ERROR) * 1000)
+
+
+def test_root_distance_grows_with_the_frequency_estimate_skew() -> None:
+    stats = SourceStats()
+    last = feed(stats, 20, 20.0, 1e-6, 2)
+    assert stats.skew_ppm < 1.0
+    d0 = stats.root_distance(last)
+    grown = stats.root_distance(last + 64 * S) - d0
+    assert grown == pytest.approx((stats.skew_ppm * 1e-6 + MAX_CLOCK_ERROR) * 64)
+    assert grown < PHI * 64 / 5
 
 
 def test_apply_correction_reexpresses_history() -> None:

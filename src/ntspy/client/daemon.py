@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..clock import ClockControl
+from ..clock import ClockControl, SlewingClock
 from ..config import Config, SourceConfig, load_sources_dir
 from ..errors import NtsError, StateFileError
 from ..net.dns import Resolver
@@ -172,10 +172,9 @@ class ClientDaemon:
         self._stopping = True
         if self._maintenance is not None:
             self._maintenance.cancel()
-        finish = getattr(self.clock, "finish", None)
-        if finish is not None:
+        if isinstance(self.clock, SlewingClock):
             try:
-                left = finish()
+                left = self.clock.finish()
                 if left:
                     log.info("stopped slewing with %+.9f s left uncorrected", left)
             except OSError as exc:
@@ -234,6 +233,12 @@ class ClientDaemon:
             return
         decision = self.engine.sample(src.key, now, exchange_of(measurement),
                                       self.clock.pending_slew_s())
+        src.adjust_poll(decision.poll_advice)
+        if log.isEnabledFor(logging.DEBUG):
+            st = src.stats
+            log.debug("%s: offset %+.9f delay %.6f np %d poll %d freq %+.4f skew %.4f sd %.2e",
+                      src.name, measurement.offset, measurement.delay, st.np, src.poll,
+                      st.frequency_ppm, st.skew_ppm, st.std_dev)
         if decision.rejected is not None:
             src.last_error = f"sample rejected: {decision.rejected}"
             log.info("%s: sample rejected: %s", src.name, decision.rejected)
@@ -285,13 +290,12 @@ class ClientDaemon:
     def _schedule_clock_maintenance(self) -> None:
         """Wake up exactly when the clock's slew is due to end (frequency slews
         overshoot by the rate times any lateness)."""
-        due = getattr(self.clock, "next_maintenance_s", None)
-        if due is None:
+        if not isinstance(self.clock, SlewingClock):
             return
         if self._maintenance is not None:
             self._maintenance.cancel()
             self._maintenance = None
-        delay = due()
+        delay = self.clock.next_maintenance_s()
         if delay is not None:
             self._maintenance = asyncio.get_running_loop().call_later(
                 delay, self._maintain_clock)
@@ -299,7 +303,8 @@ class ClientDaemon:
     def _maintain_clock(self) -> None:
         self._maintenance = None
         try:
-            self.clock.maintain()
+            if isinstance(self.clock, SlewingClock):
+                self.clock.maintain()
         except OSError as exc:
             log.error("cannot end the clock's slew: %s", exc)
         except Exception:
@@ -309,12 +314,11 @@ class ClientDaemon:
 
     def _tell_kernel(self, tracking: Tracking) -> None:
         """Synchronised: the kernel's error estimates, as chronyd keeps them."""
-        sync = getattr(self.clock, "set_sync_status", None)
-        if sync is None:
+        if not isinstance(self.clock, SlewingClock):
             return
         try:
-            sync(True, tracking.root_delay / 2 + tracking.root_dispersion,
-                 tracking.rms_offset)
+            self.clock.set_sync_status(True, tracking.root_delay / 2 + tracking.root_dispersion,
+                                       tracking.rms_offset)
         except OSError as exc:
             log.error("cannot update the kernel's synchronisation status: %s", exc)
 

@@ -24,7 +24,7 @@ from ..net.tls import TrustConfig
 from ..proto.aead import info
 from ..proto.ntp import Leap
 from ..state import check_permissions, load_state, save_state, set_aside
-from ..sync.engine import EngineSource, Exchange, SourceOptions
+from ..sync.engine import EngineSource, Exchange, PollScore, SourceOptions
 from ..sync.filter import ReachRegister, SourceStats
 from .session import Measurement, NtsSession, PlainSession
 
@@ -38,7 +38,6 @@ KE_BACKOFF_TLS_LOG2 = 10
 KE_BACKOFF_MAX_LOG2 = 17
 IBURST_COUNT = 4
 IBURST_INTERVAL = 2.0
-POLL_RAISE_AFTER = 4  # good samples in a row before the poll interval doubles
 MAX_POLL_LOG2 = 17  # RFC 5905's largest poll exponent (36 h)
 DUMP_KIND = "ntspy-nts-source"
 DUMP_VERSION = 1
@@ -83,7 +82,8 @@ class Source:
             authenticated=cfg.nts, prefer=cfg.prefer, noselect=cfg.noselect,
             trust=cfg.trust, require=cfg.require), cfg.maxsamples or 64)
         self.poll = cfg.minpoll
-        self.good_streak = 0
+        self._poll_score = PollScore()
+        self._in_burst = False
         self.polls = 0
         self.iburst_left = IBURST_COUNT if cfg.iburst else 0
         self.ke = KeStatus()
@@ -235,17 +235,19 @@ class Source:
             self.iburst_left -= 1
         measurement = await self._exchange(now)
         if measurement is None:
-            self.good_streak = 0
             return None
         self.last, self.last_rx, self.last_error = measurement, now, ""
-        # Burst samples come 2 s apart: they say nothing about whether the
-        # source is steady over the poll interval, so the interval stays.
-        if not in_burst:
-            self.good_streak += 1
-        if self.good_streak >= POLL_RAISE_AFTER and self.poll < self.cfg.maxpoll:
-            self.poll += 1
-            self.good_streak = 0
+        self._in_burst = in_burst
         return measurement
+
+    def adjust_poll(self, advice: float) -> None:
+        """Follow the sync engine's advice on the polling interval (see
+        :class:`~ntspy.sync.engine.PollScore`).  Burst samples come 2 s apart and
+        say nothing about the source over the poll interval, so they do not count."""
+        if self._in_burst:
+            return
+        self.poll = self._poll_score.step(advice, self.poll, self.cfg.minpoll,
+                                          max(self.cfg.minpoll, self.cfg.maxpoll))
 
     async def _exchange(self, now: float) -> Measurement | None:
         session = self.session
@@ -273,7 +275,6 @@ class Source:
             self.last_error = str(exc)
             if exc.code == "RATE":
                 self.poll = min(self.poll + 1, MAX_POLL_LOG2)
-                self.good_streak = 0
             return None
         except NtsError as exc:
             self.last_error = str(exc)

@@ -202,10 +202,11 @@ class Discipline:
             # stops the total from freezing on an overconfident past.
             old = max(self._skew, selection.skew_ppm)
             new = selection.skew_ppm
-            gain = old * old / (old * old + new * new)
+            ratio = new / old  # <= 1; as a ratio no square can underflow
+            gain = 1.0 / (1.0 + ratio * ratio)
             dfreq = gain * selection.frequency_ppm
             self._frequency += dfreq
-            self._skew = old * new / math.hypot(old, new)
+            self._skew = new / math.sqrt(1.0 + ratio * ratio)
             # chrony's maxdrift: never ask for a frequency no clock has.
             self._frequency = max(-self.max_drift_ppm, min(self.max_drift_ppm, self._frequency))
         self._residual = (selection.frequency_ppm - dfreq
@@ -233,10 +234,15 @@ class Discipline:
             frequency_ppm=self._frequency,
             # chrony's corrtimeratio: an offset of the size the estimate's
             # error predicts takes corr_time_ratio update intervals to slew.
-            correction_rate=self.corr_time_ratio * self._interval
-            * max(selection.offset_sd, MIN_OFFSET_SD),
+            correction_rate=self._correction_rate(selection.offset_sd),
             frequency_change_ppm=dfreq,
         )
+
+    def _correction_rate(self, offset_sd: float) -> float:
+        """chrony's correction rate for this update (0 when it cannot be known)."""
+        sd = offset_sd if math.isfinite(offset_sd) else 0.0
+        rate = self.corr_time_ratio * self._interval * max(sd, MIN_OFFSET_SD)
+        return rate if math.isfinite(rate) and rate >= 0 else 0.0
 
     def tracking(self, pending_slew_s: float = 0.0) -> Tracking:
         """Snapshot for ``tracking``; ``pending_slew_s`` comes from the clock."""

@@ -11,8 +11,9 @@ carry out.  It owns every rule between a sample and the clock:
 * the start-up hold: the first update waits until the other answering sources
   have caught up (up to :data:`STARTUP_HOLD_POLLS` polls), as chrony does, so
   whichever server answers first, a falseticker too, cannot set the clock alone;
-* only a new sample of the selected source moves the clock (chrony's rule: the
-  update interval is the reference's polling interval);
+* the clock only moves when the selected source has a sample it has not yet
+  acted on (chrony's rule: the update interval is the reference's polling
+  interval, and a falseticker's sample can only trigger a re-selection);
 * leap-second arming from the selected source's leap indicator.
 
 The daemon (:mod:`ntspy.client.daemon`) and the simulator
@@ -22,6 +23,7 @@ the daemon's decisions.  Nothing here reads a clock or does I/O.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -33,6 +35,36 @@ from ntspy.sync.select import SelectConfig, Selection, candidate_from_stats, sel
 
 STARTUP_HOLD_POLLS = 8
 """Polls after which a source no longer waits for the others to catch up."""
+POLL_TARGET = 8
+"""chrony's ``polltarget``: samples the regression should hold.  A source whose
+samples keep fitting one line is polled less often, one whose model keeps
+breaking (temperature, a changing path) more often, between minpoll and maxpoll."""
+
+
+class PollScore:
+    """Turns per-sample poll advice into whole steps of the poll exponent."""
+
+    __slots__ = ("_score",)
+
+    def __init__(self) -> None:
+        self._score = 0.0
+
+    def step(self, advice: float, poll: int, minpoll: int, maxpoll: int) -> int:
+        """The new poll exponent after ``advice`` (kept within minpoll..maxpoll)."""
+        if math.isnan(advice):
+            return poll
+        self._score += max(-8.0, min(1.0, advice))
+        if self._score >= 1.0 and poll < maxpoll:
+            self._score = 0.0
+            return poll + 1
+        if self._score <= -1.0 and poll > minpoll:
+            # A large miss can take off several steps at once.
+            steps = min(int(-self._score), poll - minpoll)
+            self._score = 0.0
+            return poll - steps
+        if (self._score > 0 and poll >= maxpoll) or (self._score < 0 and poll <= minpoll):
+            self._score = 0.0  # nothing to save up for beyond the bounds
+        return poll
 
 
 @dataclass(slots=True, frozen=True)
@@ -84,7 +116,7 @@ class Exchange:
 class EngineSource:
     """What the engine keeps of one source: statistics, reach, counters."""
 
-    __slots__ = ("key", "options", "polls", "reach", "rejected", "stats")
+    __slots__ = ("fresh", "key", "options", "polls", "reach", "rejected", "stats")
 
     def __init__(self, key: str, options: SourceOptions, maxsamples: int) -> None:
         self.key = key
@@ -94,6 +126,8 @@ class EngineSource:
         self.polls = 0
         self.rejected: Counter[str] = Counter()
         """Samples dropped by the sanity checks, by :class:`SampleReject` reason."""
+        self.fresh = False
+        """Whether a sample came in since the clock was last updated."""
 
 
 @dataclass(slots=True)
@@ -108,6 +142,11 @@ class Decision:
     """Kernel leap state to arm with the action (1 insert, 2 delete, 0 none); None = as is."""
     rejected: SampleReject | None = None
     """Why the sample was dropped, if it was."""
+    poll_advice: float = 0.0
+    """How the source's polling interval should move, in poll exponents: a
+    fraction per sample, positive while its regression holds at least
+    :data:`POLL_TARGET` samples, negative while the clock or the path keeps
+    breaking the model (see :class:`PollScore`)."""
 
 
 class SyncEngine:
@@ -187,6 +226,7 @@ class SyncEngine:
             src.rejected[str(reason)] += 1
             return Decision(rejected=reason)
         src.reach.update(True)
+        prediction_error = self._prediction_error(src, exchange, pending_s)
         src.stats.add(Sample(
             time=exchange.t4 + round(pending_s * 1e9),
             offset=exchange.offset - pending_s,
@@ -200,13 +240,44 @@ class SyncEngine:
             leap=exchange.leap,
             authenticated=exchange.authenticated,
         ))
-        return self._update(src, now_ns)
+        src.fresh = True
+        decision = self._update(src, now_ns)
+        decision.poll_advice = self._poll_advice(src, prediction_error, exchange)
+        return decision
+
+    @staticmethod
+    def _prediction_error(src: EngineSource, exchange: Exchange, pending_s: float) -> float | None:
+        """How far the new sample lands from where the source's regression said."""
+        stats = src.stats
+        if stats.np < 3:
+            return None
+        at = exchange.t4 + round(pending_s * 1e9)
+        return abs(exchange.offset - pending_s - stats.offset_at(at))
+
+    @staticmethod
+    def _poll_advice(src: EngineSource, prediction_error: float | None,
+                     exchange: Exchange) -> float:
+        """Poll advice after a sample (chrony's rules, in poll exponents).
+
+        A sample that misses the prediction by more than its own error bound
+        (half the round trip plus its dispersion) says the source is not being
+        tracked: back off the interval by log2 of how badly.  Otherwise steer
+        the number of samples in the regression towards :data:`POLL_TARGET`,
+        shortening twice as fast as lengthening.
+        """
+        bound = max(exchange.delay, 0.0) / 2 + exchange.dispersion
+        if prediction_error is not None and bound > 0 and prediction_error > bound:
+            return -math.log2(prediction_error / bound)
+        advice = (src.stats.np / POLL_TARGET - 1.0) / POLL_TARGET
+        return advice * 2.0 if advice < 0 else advice
 
     def _update(self, fresh: EngineSource, now_ns: int) -> Decision:
         selection = self.select(now_ns)
         decision = Decision(selection=selection)
-        if selection.selected is not None and selection.selected != fresh.key \
-                and self.updates > 0:
+        # The clock moves on the reference's own measurements (chrony's rule):
+        # only when the selected source has a sample the clock has not seen.
+        chosen = self.sources.get(selection.selected) if selection.selected else None
+        if chosen is None or not chosen.fresh:
             return decision
         if self._waiting_for_others(fresh):
             return decision
@@ -223,7 +294,10 @@ class SyncEngine:
     def _waiting_for_others(self, fresh: EngineSource) -> bool:
         if self.updates > 0 or fresh.polls >= STARTUP_HOLD_POLLS:
             return False
-        return any(src.reach.reachable and src.stats.np < fresh.stats.np
+        # Others still owe an answer to as many polls (they were started with
+        # it), or answer but have fewer samples: let them catch up first.
+        return any(src.polls < fresh.polls
+                   or (src.reach.reachable and src.stats.np < fresh.stats.np)
                    for src in self.sources.values() if src is not fresh)
 
     def applied(self, now_ns: int, decision: Decision, leap_ok: bool = True) -> None:
@@ -239,6 +313,7 @@ class SyncEngine:
         for src in self.sources.values():
             src.stats.apply_correction(now_ns, action.offset_correction_s,
                                        action.frequency_change_ppm)
+            src.fresh = False
         if decision.leap is not None and leap_ok:
             self.leap_armed = decision.leap
         self.updates += 1

@@ -31,6 +31,9 @@ from ntspy.proto.ntp import Leap
 PHI = 15e-6
 """Frequency tolerance, s/s (RFC 5905 s7.2): how fast an old sample's error grows."""
 
+MAX_CLOCK_ERROR = 1e-6
+"""chrony's ``maxclockerror``: how fast our own clock may wander, s/s."""
+
 FILTER_LENGTH = 8
 """RFC 5905 clock filter: the best sample is the lowest-delay one of the last 8."""
 
@@ -42,6 +45,16 @@ MIN_REGRESSION_SAMPLES = 3
 UNKNOWN_SKEW_PPM = 1000.0
 """Skew reported before a frequency can be estimated; equals chrony's default
 ``maxupdateskew``, so such an estimate is never used to steer the frequency."""
+
+MIN_WEIGHT_SD = 1e-9
+"""Floor of the spread that excess delays are judged against, seconds."""
+
+CURVATURE_T = 2.5
+"""How many standard errors a quadratic term must reach to call the window bent."""
+MIN_CURVATURE_SAMPLES = 8
+"""Fewer samples cannot tell a bend from noise."""
+PERFECT_FIT_S = 1e-12
+"""Residual spread below which a fit is exact (no sign runs to count)."""
 
 RUNS_SIGNIFICANCE = 0.01
 """Probability below which too few sign runs mean "the line no longer fits"."""
@@ -160,17 +173,22 @@ class _Fit:
     dof: int
 
 
-def _weights(delays: list[float]) -> list[float]:
+def _weights(delays: list[float], sd: float | None) -> list[float]:
     """Lower-delay samples count more: queueing adds asymmetry, hence offset error.
 
-    The excess delay over the minimum is judged against its median, which keeps
-    the weights independent of the path's absolute delay and of its units.
+    A sample's offset can be wrong by up to half its delay in excess of the
+    shortest one.  That excess is judged against ``sd``, the spread of the
+    offsets the previous fit found (as chrony does): where the path's queues
+    dominate the noise, samples that met them weigh little.  Before there is
+    a fit the median excess stands in, keeping the weights mild.
     """
     least = min(delays)
-    excess = [d - least for d in delays]
-    ordered = sorted(excess)
-    scale = ordered[len(ordered) // 2] + 1e-9
-    return [1.0 / (1.0 + (e / scale) ** 2) for e in excess]
+    excess = [(d - least) / 2 for d in delays]
+    if sd is None or not sd > 0:
+        ordered = sorted(excess)
+        sd = ordered[len(ordered) // 2]
+    scale = max(sd, MIN_WEIGHT_SD)
+    return [1.0 / (1.0 + e / scale) ** 2 for e in excess]
 
 
 def _fit(times_ns: list[int], offsets: list[float], weights: list[float]) -> _Fit:
@@ -204,6 +222,62 @@ def _fit(times_ns: list[int], offsets: list[float], weights: list[float]) -> _Fi
     intercept_var = sigma * sigma * (1.0 / sw + (mean_t**2 / sxx if sxx > 0 else 0.0))
     return _Fit(ref, intercept, slope, slope_sd, intercept_var, mean_t, sxx, sigma,
                 count_runs(residuals), dof)
+
+
+def _curved(times_ns: list[int], offsets: list[float], weights: list[float]) -> bool:
+    """Whether a weighted parabola fits significantly better than the line.
+
+    A frequency that changed within the window (temperature, a drifting
+    oscillator) bends the offsets; the runs test misses a bend that is small
+    next to the noise, yet extrapolating a line through it is off by about
+    the bend times the window squared.  A significant quadratic term says the
+    window is too long.
+    """
+    n = len(times_ns)
+    if n < MIN_CURVATURE_SAMPLES:
+        return False
+    ref = times_ns[-1]
+    xs = [(t - ref) * _NS for t in times_ns]
+    sw = sum(weights)
+    if not sw > 0:
+        return False
+    mx = sum(w * x for w, x in zip(weights, xs, strict=True)) / sw
+    span = max(abs(x - mx) for x in xs) or 1.0
+    us = [(x - mx) / span for x in xs]  # centred and scaled: a well-conditioned system
+    # Normal equations of y = a + b u + c u^2 under the weights.
+    m = [[0.0] * 3 for _ in range(3)]
+    v = [0.0] * 3
+    for w, u, y in zip(weights, us, offsets, strict=True):
+        basis = (1.0, u, u * u)
+        for i in range(3):
+            v[i] += w * basis[i] * y
+            for j in range(3):
+                m[i][j] += w * basis[i] * basis[j]
+    inv = _inverse3(m)
+    if inv is None:
+        return False
+    coef = [sum(inv[i][j] * v[j] for j in range(3)) for i in range(3)]
+    ss = sum(w * (y - (coef[0] + coef[1] * u + coef[2] * u * u)) ** 2
+             for w, u, y in zip(weights, us, offsets, strict=True))
+    var_c = ss / (n - 3) * inv[2][2]
+    if not var_c > 0:
+        return False
+    return abs(coef[2]) > CURVATURE_T * math.sqrt(var_c)
+
+
+def _inverse3(m: list[list[float]]) -> list[list[float]] | None:
+    """Inverse of a 3x3 matrix, None when it is (nearly) singular."""
+    a, b, c = m[0]
+    d, e, f = m[1]
+    g, h, i = m[2]
+    co = [[e * i - f * h, c * h - b * i, b * f - c * e],
+          [f * g - d * i, a * i - c * g, c * d - a * f],
+          [d * h - e * g, b * g - a * h, a * e - b * d]]
+    det = a * co[0][0] + b * co[1][0] + c * co[2][0]
+    scale = max(abs(x) for row in m for x in row)
+    if not abs(det) > 1e-12 * scale**3:
+        return None
+    return [[x / det for x in row] for row in co]
 
 
 class SourceStats:
@@ -264,12 +338,15 @@ class SourceStats:
         samples = list(self._samples)
         times = [s.time for s in samples]
         offsets = [s.offset for s in samples]
-        weights = _weights([s.delay for s in samples])
+        weights = _weights([s.delay for s in samples], self._fit.sigma if self._fit else None)
         start = 0
         while True:
             fit = _fit(times[start:], offsets[start:], weights[start:])
             remaining = n - start
-            if fit.runs > _max_suspicious_runs(remaining) or remaining <= self._minsamples:
+            if remaining <= self._minsamples or fit.sigma <= PERFECT_FIT_S:
+                break  # too few to trim, or residuals of nothing: the line fits
+            if fit.runs > _max_suspicious_runs(remaining) and not _curved(
+                    times[start:], offsets[start:], weights[start:]):
                 break
             # Drop a quarter of what is left (at least one sample) and try
             # again: a handful of refits finds where the model broke.
@@ -377,13 +454,20 @@ class SourceStats:
     def root_distance(self, now_ns: int) -> float:
         """Upper bound of this source's error, seconds (RFC 5905 s11.2.2 lambda).
 
-        root_delay/2 + root_dispersion + delay/2 + dispersion grown by PHI since
-        the filter's best sample, + jitter.
+        root_delay/2 + root_dispersion of the newest sample, plus our own path:
+        half the filter's lowest round trip, the sample dispersion and the
+        spread of the samples (the regression's residuals, or the jitter
+        before there is one), grown since the newest sample at the rate the
+        frequency estimate may be wrong (its skew, at most PHI) plus
+        :data:`MAX_CLOCK_ERROR`.  Growing with the estimate's own skew, not a
+        fixed PHI, keeps a source measured a poll ago from looking a
+        millisecond worse than one measured just now.
         """
         best = self.best_sample()
         last = self.last_sample
         if best is None or last is None:
             return math.inf
-        age = max(0.0, (now_ns - best.time) * _NS)
+        age = max(0.0, (now_ns - last.time) * _NS)
+        growth = min(self.skew_ppm * 1e-6, PHI) + MAX_CLOCK_ERROR
         return (last.root_delay / 2 + last.root_dispersion + best.delay / 2
-                + best.dispersion + PHI * age + self.jitter)
+                + last.dispersion + growth * age + self.std_dev)

@@ -202,6 +202,11 @@ def _skew(c: Candidate) -> float:
     return min(max(s, 1e-9), UNKNOWN_SKEW_PPM) if math.isfinite(s) else UNKNOWN_SKEW_PPM
 
 
+def _normalised(weights: list[float]) -> list[float]:
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
 def _sd(c: Candidate) -> float:
     return c.offset_sd if math.isfinite(c.offset_sd) and c.offset_sd >= 0 else c.distance
 
@@ -293,22 +298,27 @@ def select_sources(
         states[c.name] = SourceState.COMBINED
         combined.append(i)
 
-    w_off = [1.0 / max(candidates[i].distance, 1e-9) for i in combined]
-    w_freq = [1.0 / _skew(candidates[i]) ** 2 for i in combined]
+    # Weights normalised first: each average then stays within the range of
+    # what it averages, however large the numbers (no overflow to inf).
+    w_off = _normalised([1.0 / max(candidates[i].distance, 1e-9) for i in combined])
+    w_freq = _normalised([1.0 / _skew(candidates[i]) ** 2 for i in combined])
     offset = sum(w * candidates[i].offset for w, i in zip(w_off, combined, strict=True))
     error = sum(w * candidates[i].distance for w, i in zip(w_off, combined, strict=True))
     freq = sum(w * _freq(candidates[i]) for w, i in zip(w_freq, combined, strict=True))
-    sd = math.sqrt(sum((w * _sd(candidates[i])) ** 2 for w, i in zip(w_off, combined,
-                                                                      strict=True)))
+    sd = math.sqrt(sum((w * min(_sd(candidates[i]), 1e150)) ** 2
+                       for w, i in zip(w_off, combined, strict=True)))
+    skew = min(_skew(candidates[i]) for i in combined)
     return Selection(
         states=states,
         synchronised=True,
         selected=best.name,
-        offset=offset / sum(w_off),
-        error=error / sum(w_off),
-        offset_sd=sd / sum(w_off),
-        frequency_ppm=freq / sum(w_freq),
-        skew_ppm=1.0 / math.sqrt(sum(w_freq)),
+        offset=offset,
+        error=error,
+        offset_sd=sd,
+        frequency_ppm=freq,
+        # 1 / sqrt(sum of 1/skew^2): never more than the best source's skew.
+        skew_ppm=skew / math.sqrt(sum(1.0 / (_skew(candidates[i]) / skew) ** 2
+                                      for i in combined)),
         stratum=best.stratum,
         root_delay=best.root_delay,
         root_dispersion=best.root_dispersion,
