@@ -197,16 +197,12 @@ class Discipline:
         if (math.isfinite(selection.frequency_ppm) and selection.skew_ppm > 0
                 and selection.skew_ppm < self.max_update_skew):
             # The regression ran on samples already expressed on the corrected
-            # clock, so the old estimate and the new one overlap; flooring the
-            # old skew at the new one keeps at least half of each residual and
-            # stops the total from freezing on an overconfident past.
-            old = max(self._skew, selection.skew_ppm)
-            new = selection.skew_ppm
-            ratio = new / old  # <= 1; as a ratio no square can underflow
-            gain = 1.0 / (1.0 + ratio * ratio)
-            dfreq = gain * selection.frequency_ppm
+            # clock: its slope is what is left of the frequency error after
+            # every correction so far, not a second opinion on the old value.
+            # It is applied whole; its skew becomes ours.
+            dfreq = selection.frequency_ppm
             self._frequency += dfreq
-            self._skew = new / math.sqrt(1.0 + ratio * ratio)
+            self._skew = selection.skew_ppm
             # chrony's maxdrift: never ask for a frequency no clock has.
             self._frequency = max(-self.max_drift_ppm, min(self.max_drift_ppm, self._frequency))
         self._residual = (selection.frequency_ppm - dfreq

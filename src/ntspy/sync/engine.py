@@ -246,8 +246,10 @@ class SyncEngine:
         return decision
 
     @staticmethod
-    def _prediction_error(src: EngineSource, exchange: Exchange, pending_s: float) -> float | None:
-        """How far the new sample lands from where the source's regression said."""
+    def _prediction_error(src: EngineSource, exchange: Exchange,
+                          pending_s: float) -> float | None:
+        """How far the new sample lands from where the source's regression said
+        (None before there is a regression)."""
         stats = src.stats
         if stats.np < 3:
             return None

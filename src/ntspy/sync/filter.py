@@ -46,6 +46,15 @@ UNKNOWN_SKEW_PPM = 1000.0
 """Skew reported before a frequency can be estimated; equals chrony's default
 ``maxupdateskew``, so such an estimate is never used to steer the frequency."""
 
+MAX_ASYMMETRY = 0.5
+"""The largest share of the excess delay that can show in the offset (all of
+the queueing on one leg of the path)."""
+ASYMMETRY_AVERAGING = 0.03
+ASYMMETRY_GATE = 6.0
+"""Weight of one window's asymmetry estimate in the running one."""
+MIN_ASYMMETRY_SAMPLES = 8
+"""Samples needed before the asymmetry of the queueing is estimated."""
+
 MIN_WEIGHT_SD = 1e-9
 """Floor of the spread that excess delays are judged against, seconds."""
 
@@ -224,6 +233,38 @@ def _fit(times_ns: list[int], offsets: list[float], weights: list[float]) -> _Fi
                 count_runs(residuals), dof)
 
 
+def _asymmetry(times_ns: list[int], offsets: list[float], delays: list[float],
+               weights: list[float]) -> tuple[float, float] | None:
+    """How much of a sample's excess delay shows in its offset, and that
+    estimate's standard error (None with too few samples).
+
+    When the queues that delay a packet sit mostly on one leg of the path, a
+    sample's offset error is a fixed share of its excess delay: +-half of it
+    when all of the excess is on one side.  That share is estimated as the
+    slope of the line's residuals against the excess delay, bounded to
+    +-:data:`MAX_ASYMMETRY` by the caller, which corrects the offsets by it,
+    so even samples that met a queue say where the clock is (chrony does the
+    like).
+    """
+    n = len(offsets)
+    if n < MIN_ASYMMETRY_SAMPLES:
+        return None
+    least = min(delays)
+    excess = [d - least for d in delays]
+    fit = _fit(times_ns, offsets, weights)
+    xs = [(t - fit.ref_ns) * _NS for t in times_ns]
+    resid = [y - (fit.intercept + fit.slope * x) for x, y in zip(xs, offsets, strict=True)]
+    mean_e = sum(excess) / n
+    mean_r = sum(resid) / n
+    see = sum((e - mean_e) ** 2 for e in excess)
+    if not see > 0:
+        return None
+    share = sum((e - mean_e) * (r - mean_r) for e, r in zip(excess, resid, strict=True)) / see
+    spread = sum((r - mean_r - share * (e - mean_e)) ** 2
+                 for e, r in zip(excess, resid, strict=True)) / max(1, n - 2)
+    return share, math.sqrt(spread / see)
+
+
 def _curved(times_ns: list[int], offsets: list[float], weights: list[float]) -> bool:
     """Whether a weighted parabola fits significantly better than the line.
 
@@ -290,7 +331,7 @@ class SourceStats:
     least ``minsamples``.  Memory is bounded by ``maxsamples``.
     """
 
-    __slots__ = ("_fit", "_maxsamples", "_minsamples", "_samples")
+    __slots__ = ("_asym", "_asym_error", "_fit", "_maxsamples", "_minsamples", "_samples")
 
     def __init__(self, maxsamples: int = DEFAULT_MAXSAMPLES, minsamples: int = 6) -> None:
         if maxsamples < MIN_MAXSAMPLES:
@@ -299,6 +340,8 @@ class SourceStats:
         self._minsamples = max(MIN_REGRESSION_SAMPLES, min(minsamples, maxsamples))
         self._samples: deque[Sample] = deque(maxlen=maxsamples)
         self._fit: _Fit | None = None
+        self._asym = 0.0
+        self._asym_error = math.inf
 
     # -- feeding --------------------------------------------------------------
 
@@ -337,8 +380,9 @@ class SourceStats:
             return
         samples = list(self._samples)
         times = [s.time for s in samples]
-        offsets = [s.offset for s in samples]
-        weights = _weights([s.delay for s in samples], self._fit.sigma if self._fit else None)
+        delays = [s.delay for s in samples]
+        weights = _weights(delays, self._fit.sigma if self._fit else None)
+        offsets = self._correct_asymmetry(times, [s.offset for s in samples], delays, weights)
         start = 0
         while True:
             fit = _fit(times[start:], offsets[start:], weights[start:])
@@ -354,6 +398,26 @@ class SourceStats:
         for _ in range(start):
             self._samples.popleft()
         self._fit = fit
+
+    def _correct_asymmetry(self, times: list[int], offsets: list[float], delays: list[float],
+                           weights: list[float]) -> list[float]:
+        """Offsets less the long-run share of excess delay they carry."""
+        found = _asymmetry(times, offsets, delays, weights)
+        if found is not None:
+            share, error = found
+            if math.isfinite(share) and math.isfinite(error):
+                # Averaged over refits: one window's estimate is noisy, the
+                # path's asymmetry changes slowly.
+                self._asym += ASYMMETRY_AVERAGING * (share - self._asym)
+                self._asym_error = error if math.isinf(self._asym_error) else \
+                    self._asym_error + ASYMMETRY_AVERAGING * (error - self._asym_error)
+        # Only a clear asymmetry is corrected: on a symmetric path the
+        # estimate is noise, and correcting by it would add noise.
+        if not abs(self._asym) > ASYMMETRY_GATE * self._asym_error:
+            return offsets
+        share = max(-MAX_ASYMMETRY, min(MAX_ASYMMETRY, self._asym))
+        least = min(delays)
+        return [y - share * (d - least) for y, d in zip(offsets, delays, strict=True)]
 
     # -- what sourcestats shows -----------------------------------------------
 
