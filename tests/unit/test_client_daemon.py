@@ -15,13 +15,9 @@ import pytest
 
 from ntspy.client.daemon import TIME_FILE, ClientDaemon, ClientOptions
 from ntspy.client.ke import KeResult
+from ntspy.client.machine import IBURST_INTERVAL, KE_BACKOFF_CONNECT_LOG2, KE_BACKOFF_TLS_LOG2
 from ntspy.client.session import Measurement, NtsSession
-from ntspy.client.source import (
-    IBURST_INTERVAL,
-    KE_BACKOFF_CONNECT_LOG2,
-    KE_BACKOFF_TLS_LOG2,
-    Source,
-)
+from ntspy.client.source import Source
 from ntspy.clock import MeasureOnlyClock
 from ntspy.config import Config, SourceConfig, parse_config
 from ntspy.errors import KeConnectionError, KissOfDeath, TlsError

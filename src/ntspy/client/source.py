@@ -13,7 +13,6 @@ import itertools
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,35 +23,15 @@ from ..net.tls import TrustConfig
 from ..proto.aead import info
 from ..proto.ntp import Leap
 from ..state import check_permissions, load_state, save_state, set_aside
-from ..sync.engine import EngineSource, Exchange, PollScore, SourceOptions
+from ..sync.engine import EngineSource, Exchange, SourceOptions
 from ..sync.filter import ReachRegister, SourceStats
+from .machine import SourceMachine, Step
 from .session import Measurement, NtsSession, PlainSession
 
 log = logging.getLogger("ntspy.client.source")
 
-# chrony's NTS-KE retry intervals: 2^4 s after a failure to connect, 2^10 s
-# after a failure in TLS or NTS-KE itself (the server is there but refuses
-# us: hammering it will not help), doubling per failure up to the cap.
-KE_BACKOFF_CONNECT_LOG2 = 4
-KE_BACKOFF_TLS_LOG2 = 10
-KE_BACKOFF_MAX_LOG2 = 17
-IBURST_COUNT = 4
-IBURST_INTERVAL = 2.0
-MAX_POLL_LOG2 = 17  # RFC 5905's largest poll exponent (36 h)
 DUMP_KIND = "ntspy-nts-source"
 DUMP_VERSION = 1
-
-
-@dataclass(slots=True)
-class KeStatus:
-    """What ``authdata`` shows for an NTS source."""
-
-    successes: int = 0  # chrony's KeyID column for NTS
-    attempts: int = 0  # attempts since the last success
-    last_success: float | None = None  # monotonic seconds
-    last_success_wall: float | None = None  # Unix seconds, for the dump file
-    last_error: str = ""
-    retry_at: float = 0.0  # monotonic seconds
 
 
 class Source:
@@ -81,14 +60,9 @@ class Source:
         self.sync = sync or EngineSource(self.key, SourceOptions(
             authenticated=cfg.nts, prefer=cfg.prefer, noselect=cfg.noselect,
             trust=cfg.trust, require=cfg.require), cfg.maxsamples or 64)
-        self.poll = cfg.minpoll
-        self._poll_score = PollScore()
-        self._in_burst = False
-        self.polls = 0
-        self.iburst_left = IBURST_COUNT if cfg.iburst else 0
-        self.ke = KeStatus()
-        self.ntsrefresh = ntsrefresh
-        self.backoff_scale = backoff_scale
+        self.machine = SourceMachine(cfg.minpoll, cfg.maxpoll, iburst=cfg.iburst, nts=cfg.nts,
+                                     ntsrefresh=ntsrefresh, backoff_scale=backoff_scale)
+        self.ke = self.machine.ke
         self.last_rx: float | None = None  # monotonic
         self.last: Measurement | None = None
         self.last_error = ""
@@ -130,13 +104,25 @@ class Source:
         """The reach register (kept by the sync engine)."""
         return self.sync.reach
 
-    # -- scheduling ----------------------------------------------------------
+    # -- scheduling (the machine decides) -------------------------------------
+
+    @property
+    def poll(self) -> int:
+        """Current poll exponent (log2 seconds)."""
+        return self.machine.poll
+
+    @property
+    def polls(self) -> int:
+        """Polls started so far."""
+        return self.machine.polls
 
     def interval(self) -> float:
         """Seconds until the next poll."""
-        if self.iburst_left > 0 and self.polls > 0:
-            return min(IBURST_INTERVAL, 2.0 ** self.poll)
-        return 2.0 ** self.poll
+        return self.machine.interval()
+
+    def adjust_poll(self, advice: float) -> None:
+        """Hand the sync engine's poll advice to the machine."""
+        self.machine.advise(advice)
 
     # -- NTS state -----------------------------------------------------------
 
@@ -189,29 +175,19 @@ class Source:
 
     async def _key_exchange(self, now: float) -> bool:
         assert isinstance(self.session, NtsSession)
-        if now < self.ke.retry_at:
-            return False
-        self.ke.attempts += 1
         try:
             await self.session.key_exchange()
         except KeError as exc:
-            base = KE_BACKOFF_CONNECT_LOG2 if isinstance(exc, KeConnectionError) \
-                else KE_BACKOFF_TLS_LOG2
-            delay = 2.0 ** min(KE_BACKOFF_MAX_LOG2, base + self.ke.attempts - 1)
-            self.ke.retry_at = now + delay * self.backoff_scale
-            self.ke.last_error = self.last_error = str(exc)
-            log.warning("%s: NTS-KE failed (retry in %.0f s): %s", self.name,
-                        delay * self.backoff_scale, exc)
+            delay = self.machine.ke_failed(now, str(exc),
+                                           connect=isinstance(exc, KeConnectionError))
+            self.last_error = str(exc)
+            log.warning("%s: NTS-KE failed (retry in %.0f s): %s", self.name, delay, exc)
             return False
         self._ke_succeeded(now)
         return True
 
     def _ke_succeeded(self, now: float) -> None:
-        self.ke.successes += 1
-        self.ke.attempts = 0
-        self.ke.last_success = now
-        self.ke.last_success_wall = self.clock.now_ns() / 1e9
-        self.ke.last_error = ""
+        self.machine.ke_succeeded(now, self.clock.now_ns() / 1e9)
         self.save_dump()
 
     def rekey(self) -> None:
@@ -219,68 +195,50 @@ class Source:
         if isinstance(self.session, NtsSession):
             self.session.ke = None
             self.session.cookies.clear()
-            self.ke.retry_at = 0.0
+            self.machine.rekey()
 
     # -- polling -------------------------------------------------------------
 
     async def poll_once(self, now: float) -> Measurement | None:
-        """One exchange at monotonic time ``now``; updates the poll interval.
+        """One poll at monotonic time ``now``: the machine's steps, carried out.
 
         Returns the measurement (None when the poll got no usable answer) for
         the daemon to hand to the sync engine, which owns reach and statistics.
         """
-        self.polls += 1
-        in_burst = self.iburst_left > 0
-        if in_burst:
-            self.iburst_left -= 1
+        session = self.session
+        have_keys = isinstance(session, NtsSession) and session.ke is not None \
+            and bool(session.cookies)
+        step = self.machine.begin_poll(now, have_keys)
+        if step is Step.SKIP:
+            return None
+        if step is Step.KEY_EXCHANGE and not await self._key_exchange(now):
+            return None
         measurement = await self._exchange(now)
         if measurement is None:
             return None
         self.last, self.last_rx, self.last_error = measurement, now, ""
-        self._in_burst = in_burst
         return measurement
-
-    def adjust_poll(self, advice: float) -> None:
-        """Follow the sync engine's advice on the polling interval (see
-        :class:`~ntspy.sync.engine.PollScore`).  Burst samples come 2 s apart and
-        say nothing about the source over the poll interval, so they do not count."""
-        if self._in_burst:
-            return
-        self.poll = self._poll_score.step(advice, self.poll, self.cfg.minpoll,
-                                          max(self.cfg.minpoll, self.cfg.maxpoll))
 
     async def _exchange(self, now: float) -> Measurement | None:
         session = self.session
-        if isinstance(session, NtsSession):
-            refresh_due = (
-                self.ke.last_success is not None
-                and now - self.ke.last_success >= self.ntsrefresh
-            )
-            if (session.ke is None or not session.cookies or refresh_due) \
-                    and not await self._key_exchange(now):
-                return None
-            naks_before = session.stats["naks"]
-            kes_before = session.stats["key exchanges"]
+        naks_before = session.stats["naks"]
+        kes_before = session.stats["key exchanges"]
         try:
             measurement = await session.measure()
         except KeError as exc:  # a NAK led to a new NTS-KE, which failed
-            self.ke.attempts += 1
-            self.ke.last_error = self.last_error = str(exc)
-            self.ke.retry_at = now + 2.0 ** KE_BACKOFF_CONNECT_LOG2 * self.backoff_scale
+            self.machine.renewal_failed(now, str(exc))
+            self.last_error = str(exc)
             return None
         except KissOfDeath as exc:
-            # Authenticated (NTS) or not, a kiss only costs us this poll. RATE
-            # asks us to poll less often: double the interval, past maxpoll if
-            # need be, as RFC 5905 s7.4 expects of a client.
+            # Authenticated (NTS) or not, a kiss only costs us this poll.
             self.last_error = str(exc)
-            if exc.code == "RATE":
-                self.poll = min(self.poll + 1, MAX_POLL_LOG2)
+            self.machine.kissed(exc.code)
             return None
         except NtsError as exc:
             self.last_error = str(exc)
             return None
+        self.machine.answered()
         if isinstance(session, NtsSession):
-            self.ke.attempts = 0
             if session.stats["key exchanges"] > kes_before:
                 self._ke_succeeded(now)
             if session.stats["naks"] > naks_before:
