@@ -190,6 +190,13 @@ def test_hostile_source_next_to_a_good_one(
         assert bad["reach"] == 0, bad  # ... or none of them usably
     good_stats, bad_stats = client.query("sourcestats")
     assert bad_stats["np"] == 0 and good_stats["np"] >= 4  # ... and never gave a sample
+    if hostile.mode in REJECTED:
+        # Each dropped sample is counted under its reason, for ntpdata to show.
+        bad_data = [r for r in client.query("ntpdata") if r["remote_port"] == hostile.port]
+        assert bad_data and sum(bad_data[0]["bad_samples"].values()) >= 4, bad_data
+        reason = EXPECTED_ERROR[hostile.mode].removeprefix("sample rejected: ")
+        assert reason in bad_data[0]["bad_samples"], bad_data
+        assert f"Bad samples     : {reason}: " in client.ctl("ntpdata")
 
     rows = table_rows(client.ctl("sources"))
     assert [row[:2] for row in rows] == ["^*", "^?"], rows

@@ -500,6 +500,9 @@ class ClientDaemon:
                 "accepted": int(src.session.stats["accepted"]),
                 "rejected": {k[len("rejected: "):]: v for k, v in src.session.stats.items()
                              if k.startswith("rejected: ")},
+                # Answers whose times cannot be of a real exchange (sync/sanity.py).
+                "bad_samples": dict(src.sync.rejected),
+                "loop_errors": src.errors,
             })
         return rows
 

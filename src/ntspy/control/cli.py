@@ -155,6 +155,8 @@ def render_ntpdata(rows: list[dict[str, Any]]) -> str:
     blocks = []
     for r in rows:
         rejected = ", ".join(f"{k}: {v}" for k, v in r["rejected"].items()) or "none"
+        bad = r.get("bad_samples", {})
+        bad_text = ", ".join(f"{k}: {v}" for k, v in bad.items()) or "none"
         blocks.append("\n".join([
             f"Remote address  : {r['remote_address']} ({r['name']})",
             f"Remote port     : {r['remote_port']}",
@@ -173,6 +175,8 @@ def render_ntpdata(rows: list[dict[str, Any]]) -> str:
             f"RX timestamping : {'Kernel' if r['kernel_rx'] else 'Daemon'}",
             f"Total TX        : {r['requests']}",
             f"Total valid RX  : {r['accepted']}",
+            f"Total good RX   : {int(r['accepted']) - sum(bad.values())}",
             f"Rejected RX     : {rejected}",
+            f"Bad samples     : {bad_text}",
         ]))
     return "\n\n".join(blocks) + ("\n" if blocks else "")
