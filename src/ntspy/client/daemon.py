@@ -268,6 +268,10 @@ class ClientDaemon:
             return
         if action.step_s is not None:
             log.warning("stepping the clock by %+.6f s", action.step_s)
+        if log.isEnabledFor(logging.DEBUG) and decision.selection is not None:
+            log.debug("update: estimate %+.9f pending %+.9f freq %+.6f",
+                      decision.selection.offset, self.clock.pending_slew_s(),
+                      action.frequency_ppm)
         try:
             apply_action(self.clock, action)
         except OSError as exc:

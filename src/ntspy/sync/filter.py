@@ -46,6 +46,10 @@ UNKNOWN_SKEW_PPM = 1000.0
 """Skew reported before a frequency can be estimated; equals chrony's default
 ``maxupdateskew``, so such an estimate is never used to steer the frequency."""
 
+PHASE_TAPER = 0.5
+"""How much less the oldest sample of the window counts for the phase estimate
+than the newest (weights fall linearly from 1 to 1 / (1 + taper))."""
+
 MAX_ASYMMETRY = 0.5
 """The largest share of the excess delay that can show in the offset (all of
 the queueing on one leg of the path)."""
@@ -331,7 +335,7 @@ class SourceStats:
     least ``minsamples``.  Memory is bounded by ``maxsamples``.
     """
 
-    __slots__ = ("_asym", "_asym_error", "_fit", "_maxsamples", "_minsamples", "_samples")
+    __slots__ = ("_asym", "_asym_error", "_fit", "_maxsamples", "_minsamples", "_phase", "_samples")
 
     def __init__(self, maxsamples: int = DEFAULT_MAXSAMPLES, minsamples: int = 6) -> None:
         if maxsamples < MIN_MAXSAMPLES:
@@ -341,6 +345,7 @@ class SourceStats:
         self._samples: deque[Sample] = deque(maxlen=maxsamples)
         self._fit: _Fit | None = None
         self._asym = 0.0
+        self._phase = 0.0
         self._asym_error = math.inf
 
     # -- feeding --------------------------------------------------------------
@@ -398,6 +403,15 @@ class SourceStats:
         for _ in range(start):
             self._samples.popleft()
         self._fit = fit
+        # The phase now: the same window refitted with older samples counting
+        # a little less.  Where the clock's frequency wanders the plain line
+        # lags at its newest end; the slope (and so the frequency, whose noise
+        # the clock would feel) stays the plain fit's.
+        ts = times[start:]
+        span = max(1, ts[-1] - ts[0])
+        tapered = [w / (1.0 + PHASE_TAPER * (ts[-1] - t) / span)
+                   for w, t in zip(weights[start:], ts, strict=True)]
+        self._phase = _fit(ts, offsets[start:], tapered).intercept
 
     def _correct_asymmetry(self, times: list[int], offsets: list[float], delays: list[float],
                            weights: list[float]) -> list[float]:
@@ -500,7 +514,7 @@ class SourceStats:
         filter's best sample stands in.
         """
         if self._fit is not None:
-            return self._fit.intercept + self._fit.slope * (t_ns - self._fit.ref_ns) * _NS
+            return self._phase + self._fit.slope * (t_ns - self._fit.ref_ns) * _NS
         best = self.best_sample()
         return best.offset if best else 0.0
 
