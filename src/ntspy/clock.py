@@ -301,6 +301,19 @@ class SystemClockControl(SystemClock):
         self.adjtime(tx)
         self._kernel_ppm = total
 
+    def probe(self) -> None:
+        """Check that the kernel lets us steer the clock, without changing it.
+
+        Writes the kernel's own frequency back to it: a no-op where allowed,
+        EPERM (:class:`ClockAdjtimeError`) without CAP_SYS_TIME, so a daemon
+        that cannot do its job says so at start, as chronyd does.
+        """
+        tx = self.read()
+        write = Timex()
+        write.modes = _ADJ_FREQUENCY
+        write.freq = tx.freq
+        self.adjtime(write)
+
     # -- bookkeeping ----------------------------------------------------------
 
     def _account(self) -> int:

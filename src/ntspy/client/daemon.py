@@ -35,6 +35,8 @@ from .source import Source, exchange_of
 
 log = logging.getLogger("ntspy.client")
 
+LOG_CHANGE_S = 1.0
+"""chrony's ``logchange`` default: a correction larger than this is logged."""
 TIME_FILE = "ntspy.time"  # saved wall time, for machines without an RTC (-s)
 
 
@@ -266,8 +268,12 @@ class ClientDaemon:
             self._note_selection(decision.selection)
         if action is None:
             return
+        # chrony's sign: positive = the system clock is ahead.
         if action.step_s is not None:
-            log.warning("stepping the clock by %+.6f s", action.step_s)
+            log.warning("System clock wrong by %.6f seconds, stepping", -action.step_s)
+        elif abs(action.slew_offset_s) > LOG_CHANGE_S:
+            log.warning("System clock wrong by %.6f seconds, adjustment started",
+                        -action.slew_offset_s)
         if log.isEnabledFor(logging.DEBUG) and decision.selection is not None:
             log.debug("update: estimate %+.9f pending %+.9f freq %+.6f",
                       decision.selection.offset, self.clock.pending_slew_s(),
@@ -331,11 +337,15 @@ class ClientDaemon:
         name = selection.selected
         if name == self._logged_reference:
             return
+        # chronyd's words: scripts and people grep for them.
         if name is None:
-            log.warning("no reference selected: %s", selection.reason or "no source agrees")
+            log.warning("Can't synchronise: %s", selection.reason or "no majority")
         else:
             src = self._by_key(name)
-            log.info("selected source %s", src.name if src else name)
+            if src is None or src.address == src.name:
+                log.info("Selected source %s", src.name if src else name)
+            else:
+                log.info("Selected source %s (%s)", src.address, src.name)
         self._logged_reference = name
 
     def _by_key(self, key: str) -> Source | None:

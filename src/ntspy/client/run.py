@@ -16,7 +16,7 @@ import signal
 import sys
 from typing import Any
 
-from ..clock import ClockControl, MeasureOnlyClock, SystemClockControl
+from ..clock import ClockAdjtimeError, ClockControl, MeasureOnlyClock, SystemClockControl
 from ..config import Config, load_config
 from ..control.protocol import ControlServer
 from ..errors import CertificateError, ConfigError, NtsError
@@ -49,8 +49,18 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         config = load_config(args.config)
-        clock: ClockControl = MeasureOnlyClock() if args.no_clock_control \
-            else SystemClockControl(config.maxslewrate)
+        clock: ClockControl
+        if args.no_clock_control:
+            clock = MeasureOnlyClock()
+        else:
+            system = SystemClockControl(config.maxslewrate)
+            try:
+                system.probe()
+            except ClockAdjtimeError as exc:
+                print(f"ntspy: cannot steer the system clock ({exc}): run as root with "
+                      "CAP_SYS_TIME, or with -x to only measure it", file=sys.stderr)
+                return 1
+            clock = system
         return asyncio.run(_main(config, clock, ClientOptions(restore_time=args.restore_time)))
     except (ConfigError, CertificateError) as exc:
         print(f"ntspy: {exc}", file=sys.stderr)
@@ -80,8 +90,7 @@ async def _main(config: Config, clock: ClockControl, options: ClientOptions) -> 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if server is not None:
-        loop.add_signal_handler(signal.SIGHUP, server.reload_certificates)
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup, client, server)
     await stop.wait()
     log.info("shutting down")
     await control.close()
@@ -90,6 +99,29 @@ async def _main(config: Config, clock: ClockControl, options: ClientOptions) -> 
         await server.stop()
     sockets.close()
     return 0
+
+
+def _on_sighup(client: ClientDaemon, server: ServerDaemon | None) -> None:
+    """SIGHUP never stops the daemon: re-read ``sourcedir`` and, when serving,
+    the certificates (for renewals); the key ring and the sources' state stay."""
+    log.info("received SIGHUP: reloading sources%s", " and certificates" if server else "")
+    if server is not None:
+        server.reload_certificates()
+
+    async def reload() -> None:
+        try:
+            changed = await client.reload_sources()
+        except Exception:  # a reload must not take the daemon down
+            log.exception("reloading sources failed")
+            return
+        log.info("sources reloaded: %d added, %d removed", changed["added"], changed["removed"])
+
+    task = asyncio.get_running_loop().create_task(reload())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[None]] = set()
 
 
 def _follow(server: ServerDaemon, client: ClientDaemon) -> Any:

@@ -254,7 +254,7 @@ def select_sources(
     low, high, depth, trusted_depth = _intersection(intervals)
     # A trusted source in the agreeing group lifts the majority rule (chrony's trust).
     if trusted_depth == 0 and depth <= len(usable) / 2:
-        return fail("no majority agrees", SourceState.FALSETICKER)
+        return fail("no majority", SourceState.FALSETICKER)
 
     truechimers: list[int] = []
     for i in usable:
