@@ -158,6 +158,8 @@ class Config:
     maxslewrate: float = 83333.333
     maxdrift: float = 500000.0
     bindcmdaddress: list[str] = field(default_factory=list)
+    user: str | None = None
+    """chrony's ``user``: the account to run as after start-up."""
     ignored: list[tuple[int, str]] = field(default_factory=list)
     """(line number, directive) of each accepted-but-ignored directive."""
 
@@ -472,7 +474,7 @@ IGNORED_DIRECTIVES = frozenset(
         "logdir", "mailonchange", "manual", "maxchange", "maxclockerror",
         "maxsamples", "minsamples", "noclientlog", "pidfile", "ptpport",
         "rtcautotrim", "rtcdevice", "rtcfile", "rtconutc",
-        "rtcsync", "sched_priority", "tempcomp", "user",
+        "rtcsync", "sched_priority", "tempcomp",
     }
 )  # fmt: skip
 
@@ -720,6 +722,10 @@ class _Parser:
     def d_minsources(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 1)
         self.config.minsources = _int(where, args[0], "number of sources", 1, 255)
+
+    def d_user(self, where: _Where, args: list[str], depth: int) -> None:
+        _nargs(where, args, 1)
+        self.config.user = args[0]
 
     def d_authselectmode(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 1)

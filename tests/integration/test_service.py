@@ -81,3 +81,112 @@ def test_log_lines_in_chronyds_words(server: ServerProc, tmp_path: Path) -> None
                    f"chronyd's 'Selected source' line\n{client.log()}")
     finally:
         client.stop()
+
+
+def run_ntspy(*args: str, timeout: float = 40.0,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*NO_SYS_TIME, sys.executable, "-m", "ntspy", "run", *args],
+                          capture_output=True, text=True, timeout=timeout, check=False,
+                          stdin=subprocess.DEVNULL, env=env)
+
+
+def test_measure_once_with_directives_on_the_command_line(server: ServerProc) -> None:
+    # The seed article's `chronyd -Q 'server ... iburst'`, as `ntspy run -Q '...'`.
+    out = run_ntspy("-Q", f"server {LOOPBACK} port {server.ntp_port} iburst")
+    assert out.returncode == 0, out
+    line = out.stdout.strip()
+    assert line.startswith("System clock wrong by ") and line.endswith(" seconds (ignored)"), out
+    assert abs(float(line.split()[4])) < 0.05  # the same machine's clock, give or take
+
+
+def test_measure_once_without_an_answer_says_so_and_fails(tmp_path: Path) -> None:
+    out = run_ntspy("-Q", "-t", "3", f"server {LOOPBACK} port 9 iburst")  # discard: silence
+    assert out.returncode == 1, out
+    assert "No suitable source for synchronisation" in out.stderr, out
+
+
+def test_set_once_needs_cap_sys_time(server: ServerProc) -> None:
+    out = run_ntspy("-q", f"server {LOOPBACK} port {server.ntp_port} iburst")
+    assert out.returncode == 1 and "CAP_SYS_TIME" in out.stderr, out
+
+
+def test_default_config_file_missing_is_a_clear_error() -> None:
+    if Path("/etc/ntspy/ntspy.conf").exists():  # a machine set up for real: -f elsewhere
+        out = run_ntspy("-x", "-f", "/nonexistent/ntspy.conf")
+        assert out.returncode == 1 and "/nonexistent/ntspy.conf" in out.stderr, out
+        return
+    out = run_ntspy("-x")
+    assert out.returncode == 1, out
+    assert "/etc/ntspy/ntspy.conf" in out.stderr and "-f FILE" in out.stderr, out.stderr
+
+
+def test_log_file_and_chrony_levels(server: ServerProc, tmp_path: Path) -> None:
+    logfile = tmp_path / "ntspy.log"
+    out = run_ntspy("-Q", "-l", str(logfile), "-L", "0",
+                    f"server {LOOPBACK} port {server.ntp_port} iburst")
+    assert out.returncode == 0, out
+    text = logfile.read_text()
+    assert "Selected source 127.0.0.1" in text and out.stderr == "", (text, out.stderr)
+    quiet = tmp_path / "quiet.log"
+    out = run_ntspy("-Q", "-l", str(quiet), "-L", "2",
+                    f"server {LOOPBACK} port {server.ntp_port} iburst")
+    assert out.returncode == 0 and "Selected source" not in quiet.read_text(), out
+
+
+def test_journald_lines_carry_priorities_and_no_timestamps(server: ServerProc) -> None:
+    import os
+    env = {**os.environ, "JOURNAL_STREAM": "8:12345"}
+    out = run_ntspy("-Q", f"server {LOOPBACK} port {server.ntp_port} iburst", env=env)
+    assert out.returncode == 0, out
+    lines = [line for line in out.stderr.splitlines() if "Selected source" in line]
+    assert lines and lines[0].startswith("<6>ntspy.client: Selected source"), out.stderr
+
+
+def status_field(pid: int, name: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no {name} in /proc/{pid}/status")
+
+
+def test_user_drops_root_and_the_daemon_goes_on(server: ServerProc) -> None:
+    import os
+    import shutil
+    import tempfile
+    assert os.geteuid() == 0, "CI runs as root; this checks the switch away from it"
+    # A directory the unprivileged user can reach (pytest's own are root-only).
+    top = Path(tempfile.mkdtemp(prefix="ntspy-user-"))
+    try:
+        top.chmod(0o755)
+        dump = top / "state"
+        dump.mkdir()
+        client = ClientProc(top / "client", [f"server {LOOPBACK} port {server.ntp_port} {POLL}"],
+                            ["user nobody", f"ntsdumpdir {dump}", f"driftfile {dump / 'drift'}"])
+        (top / "client").chmod(0o755)
+        try:
+            client.start()
+            wait_until(lambda: "running as user nobody" in client.log(), 10.0, client.log())
+            uids = status_field(client.pid, "Uid").split()
+            assert uids == ["65534"] * 4, uids
+            assert int(status_field(client.pid, "CapEff"), 16) == 0
+            assert int(status_field(client.pid, "CapPrm"), 16) == 0
+            assert status_field(client.pid, "NoNewPrivs") == "1"
+            # Still polling and updating the clock (virtually: -x) as nobody.
+            wait_until(lambda: client.query("tracking")["updates"] >= 3, 20.0, client.log())
+        finally:
+            assert client.stop() == 0
+        # State written at the stop, as nobody, where nobody may write.
+        drift = dump / "drift"
+        assert drift.exists() and drift.stat().st_uid == 65534, list(dump.iterdir())
+        assert dump.stat().st_uid == 65534
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_serve_refuses_a_user_it_cannot_switch_to_yet(tmp_path: Path) -> None:
+    conf = tmp_path / "server.conf"
+    conf.write_text("user nobody\nallow 127.0.0.1\nport 0\n")
+    out = subprocess.run([*NO_SYS_TIME, sys.executable, "-m", "ntspy", "serve", "-f", str(conf)],
+                         capture_output=True, text=True, timeout=30, check=False,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 1 and "user nobody" in out.stderr, out

@@ -22,7 +22,7 @@ from typing import Any
 from ..clock import ClockControl, SlewingClock
 from ..config import Config, SourceConfig, load_sources_dir
 from ..errors import NtsError, StateFileError
-from ..net.dns import Resolver
+from ..net.dns import TYPE_A, TYPE_AAAA, Resolver
 from ..net.tls import TrustConfig
 from ..proto.ntp import Leap, unix_ns_to_ntp
 from ..state import atomic_write, read_state, set_aside
@@ -46,6 +46,7 @@ class ClientOptions:
     ke_backoff_scale: float = 1.0
     restore_time: bool = False  # chronyd -s
     resolver: Resolver | None = None
+    families: tuple[int, ...] = (TYPE_A, TYPE_AAAA)  # chronyd -4 / -6 limit these
 
 
 class ClientDaemon:
@@ -115,7 +116,7 @@ class ClientDaemon:
             resolver = self._resolver or Resolver()
             self._resolver = resolver
             try:
-                addresses = await resolver.resolve(cfg.name)
+                addresses = await resolver.resolve(cfg.name, self.options.families)
             except NtsError as exc:
                 log.error("pool %s: %s", cfg.name, exc)
                 continue
@@ -252,7 +253,7 @@ class ClientDaemon:
             return True
         self._resolver = self._resolver or Resolver()
         try:
-            addresses = await self._resolver.resolve(src.cfg.name)
+            addresses = await self._resolver.resolve(src.cfg.name, self.options.families)
         except NtsError as exc:
             src.last_error = str(exc)
             log.warning("%s: %s", src.name, exc)

@@ -12,14 +12,18 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..clock import ClockAdjtimeError, ClockControl, MeasureOnlyClock, SystemClockControl
-from ..config import Config, load_config
+from ..config import Config, load_config, parse_config
 from ..control.protocol import ControlServer
 from ..errors import CertificateError, ConfigError, NtsError
+from ..net.dns import TYPE_A, TYPE_AAAA
+from ..privileges import PrivilegeError, drop_to, hand_over, lookup
 from ..server.daemon import ServerDaemon, Sockets, control_path, setup_logging
 from ..server.responder import SyncState
 from ..sync.discipline import Tracking
@@ -29,13 +33,46 @@ from .daemon import ClientDaemon, ClientOptions
 log = logging.getLogger("ntspy.run")
 
 
+DEFAULT_CONFIG = Path("/etc/ntspy/ntspy.conf")
+ONESHOT_TIMEOUT = 30.0
+"""Seconds ``-q``/``-Q`` wait for a measurement when ``-t`` does not say."""
+_CHRONY_LEVELS = {-1: "debug", 0: "info", 1: "warning", 2: "error", 3: "critical"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-f", "--config", required=True, help="configuration file")
+    parser.description = ("The client daemon, with chronyd's command line: "
+                          "ntspy run [-f FILE] [-d] [-x] [-q|-Q] ['DIRECTIVE'...]")
+    parser.add_argument("directives", nargs="*", metavar="DIRECTIVE",
+                        help="configuration lines; given any, the configuration file is not "
+                             "read (as with chronyd)")
+    parser.add_argument("-f", "--config", type=Path, default=None,
+                        help=f"configuration file (default {DEFAULT_CONFIG})")
     parser.add_argument("-x", dest="no_clock_control", action="store_true",
                         help="never adjust the system clock, only measure it (like chronyd -x)")
     parser.add_argument("-s", dest="restore_time", action="store_true",
                         help="at start, step the clock to the time saved at shutdown if it is "
                              "behind it (machines without an RTC)")
+    parser.add_argument("-d", dest="debug", action="count", default=0,
+                        help="stay in the foreground, log to stderr (twice: debug messages)")
+    parser.add_argument("-n", dest="foreground", action="store_true",
+                        help="stay in the foreground (ntspy always does; systemd runs it so)")
+    parser.add_argument("-q", dest="set_once", action="store_true",
+                        help="set the clock once (stepping it) and exit, like ntpdate")
+    parser.add_argument("-Q", dest="measure_once", action="store_true",
+                        help="measure once, print how wrong the clock is, exit; never sets it")
+    parser.add_argument("-t", dest="timeout", type=float, default=None,
+                        help=f"with -q/-Q, give up after this many seconds "
+                             f"(default {ONESHOT_TIMEOUT:g})")
+    parser.add_argument("-u", dest="user", default=None,
+                        help="after start-up, run as this user (chrony's 'user')")
+    family = parser.add_mutually_exclusive_group()
+    family.add_argument("-4", dest="ipv4", action="store_true", help="resolve names to IPv4 only")
+    family.add_argument("-6", dest="ipv6", action="store_true", help="resolve names to IPv6 only")
+    parser.add_argument("-l", dest="logfile", type=Path, default=None,
+                        help="log to this file (appended) instead of stderr")
+    parser.add_argument("-L", dest="level", type=int, choices=sorted(_CHRONY_LEVELS),
+                        default=None, help="least severity logged: -1 debug, 0 info, "
+                                           "1 warning, 2 error, 3 fatal (chronyd's -L)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
 
@@ -45,12 +82,35 @@ def serves_time(config: Config) -> bool:
     return any(rule.allow for rule in config.access) or bool(config.ntsservercert)
 
 
+def _level(args: argparse.Namespace) -> str:
+    if args.level is not None:
+        return _CHRONY_LEVELS[args.level]
+    return "debug" if args.debug >= 2 else str(args.log_level)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    if args.directives:
+        return parse_config("\n".join(args.directives) + "\n", "<command line>")
+    path = args.config or DEFAULT_CONFIG
+    if args.config is None and not path.exists():
+        raise ConfigError("no such file (give -f FILE, or directives on the command line)",
+                          str(path))
+    return load_config(path)
+
+
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level)
+    if args.set_once and args.measure_once:
+        print("ntspy: -q sets the clock and -Q never does: give one of them", file=sys.stderr)
+        return 2
+    setup_logging(_level(args), args.logfile)
     try:
-        config = load_config(args.config)
+        config = _config(args)
+        for lineno, directive in config.ignored:
+            log.info("%s:%d: ignoring directive %s", config.filename, lineno, directive)
+        if args.user:
+            config.user = args.user
         clock: ClockControl
-        if args.no_clock_control:
+        if args.no_clock_control or args.measure_once:
             clock = MeasureOnlyClock()
         else:
             system = SystemClockControl(config.maxslewrate)
@@ -61,13 +121,63 @@ def run(args: argparse.Namespace) -> int:
                       "CAP_SYS_TIME, or with -x to only measure it", file=sys.stderr)
                 return 1
             clock = system
-        return asyncio.run(_main(config, clock, ClientOptions(restore_time=args.restore_time)))
+        families = (TYPE_A,) if args.ipv4 else (TYPE_AAAA,) if args.ipv6 else (TYPE_A, TYPE_AAAA)
+        options = ClientOptions(restore_time=args.restore_time, families=families)
+        if args.set_once or args.measure_once:
+            if args.set_once:
+                config.makestep = (0.0, 1)  # the one update steps, whatever its size
+            timeout = ONESHOT_TIMEOUT if args.timeout is None else args.timeout
+            return asyncio.run(_once(config, clock, options, timeout, args.set_once))
+        return asyncio.run(_main(config, clock, options))
     except (ConfigError, CertificateError) as exc:
         print(f"ntspy: {exc}", file=sys.stderr)
+        return 1
+    except PrivilegeError as exc:
+        print(f"ntspy: cannot drop privileges: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"ntspy: cannot start: {exc}", file=sys.stderr)
         return 1
+
+
+async def _once(config: Config, clock: ClockControl, options: ClientOptions,
+                timeout: float, set_clock: bool) -> int:
+    """chronyd -q / -Q: one clock update (a step with -q, none with -Q), then exit."""
+    client = ClientDaemon(config, clock, options)
+    await client.start()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while client.clock_updates == 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        await client.stop()
+    if client.clock_updates == 0:
+        reason = client.selection.reason if client.selection else "no answer"
+        print(f"No suitable source for synchronisation ({reason})", file=sys.stderr)
+        return 1
+    # chrony's sign: positive = the system clock is ahead of true time.
+    wrong = -client.tracking().last_offset
+    print(f"System clock wrong by {wrong:.6f} seconds ({'step' if set_clock else 'ignored'})")
+    return 0
+
+
+def _drop_privileges(config: Config, keep_sys_time: bool) -> None:
+    """After start-up: become ``config.user``, keeping CAP_SYS_TIME only to steer."""
+    if not config.user:
+        return
+    account = lookup(config.user)
+    own = [p for p in (config.ntsdumpdir,) if p is not None]
+    for path in hand_over(own, account):
+        log.debug("%s now belongs to %s", path, account.pw_name)
+    drop_to(account, keep_sys_time)
+    log.info("running as user %s (uid %d)%s", account.pw_name, account.pw_uid,
+             ", keeping CAP_SYS_TIME" if keep_sys_time else ", no capabilities")
+    for directory in {p for p in (config.ntsdumpdir,
+                                  config.driftfile.parent if config.driftfile else None) if p}:
+        if directory.is_dir() and not os.access(directory, os.W_OK):
+            log.warning("%s is not writable by user %s: state saved there will be lost",
+                        directory, account.pw_name)
 
 
 async def _main(config: Config, clock: ClockControl, options: ClientOptions) -> int:
@@ -85,7 +195,8 @@ async def _main(config: Config, clock: ClockControl, options: ClientOptions) -> 
     handlers = control_handlers(client, server)
     control = ControlServer(control_path(config), handlers)
     await control.start()
-    await client.start()
+    await client.start()  # reads the saved cookies: before the switch, they are root's
+    _drop_privileges(config, keep_sys_time=clock.can_control)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..clock import Clock, SystemClock
 from ..config import Config, RateLimit, load_config
@@ -269,12 +269,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+class _JournalFormatter(logging.Formatter):
+    """Lines for journald: no timestamp of our own (the journal has one) and
+    the record's syslog priority as a ``<N>`` prefix (sd-daemon(3))."""
+
+    _PRIORITY: ClassVar[dict[int, int]] = {
+        logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+        logging.DEBUG: 7,
+    }
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = self._PRIORITY.get(record.levelno, 6)
+        return f"<{prio}>{record.name}: {super().format(record)}"
+
+
+def setup_logging(level: str, logfile: Path | None = None) -> None:
+    """Log to stderr (to journald when it is the journal), or to ``logfile`` (``-l``)."""
+    handler: logging.Handler
+    if logfile is not None:
+        handler = logging.FileHandler(logfile)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        if os.environ.get("JOURNAL_STREAM"):
+            handler.setFormatter(_JournalFormatter("%(message)s"))
+        else:
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def control_path(config: Config) -> Path:
@@ -290,6 +312,11 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         for lineno, directive in config.ignored:
             log.info("%s:%d: ignoring directive %s", config.filename, lineno, directive)
+        if config.user:
+            # Never carry on as root when the file asked for less.
+            raise ConfigError(f"user {config.user}: 'ntspy serve' cannot drop privileges yet; "
+                              "start it as that user (systemd User=) with "
+                              "CAP_NET_BIND_SERVICE for ports below 1024", config.filename)
         return asyncio.run(_serve(config)) if config.ntsprocesses <= 1 else _serve_workers(config)
     except (ConfigError, CertificateError) as exc:
         print(f"ntspy: {exc}", file=sys.stderr)
