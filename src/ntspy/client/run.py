@@ -24,6 +24,7 @@ from ..control.protocol import ControlServer
 from ..errors import CertificateError, ConfigError, NtsError
 from ..net.dns import TYPE_A, TYPE_AAAA
 from ..privileges import PrivilegeError, drop_to, hand_over, lookup
+from ..sdnotify import notify
 from ..server.daemon import ServerDaemon, Sockets, control_path, setup_logging
 from ..server.responder import SyncState
 from ..sync.discipline import Tracking
@@ -202,7 +203,10 @@ async def _main(config: Config, clock: ClockControl, options: ClientOptions) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _on_sighup, client, server)
+    notify("READY=1", f"STATUS=polling {len(client.sources)} sources",
+           f"MAINPID={os.getpid()}")
     await stop.wait()
+    notify("STOPPING=1")
     log.info("shutting down")
     await control.close()
     await client.stop()

@@ -32,7 +32,7 @@ from .format import (
 from .protocol import DEFAULT_SOCKET, ControlError, request
 
 COMMANDS = ("sources", "sourcestats", "tracking", "authdata", "ntpdata", "serverstats",
-            "serverkeys", "reload", "rekey")
+            "serverkeys", "reload", "rekey", "waitsync")
 LEAP_NAMES = {0: "Normal", 1: "Insert second", 2: "Delete second", 3: "Not synchronised"}
 
 
@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.subcommand == "waitsync":
+        return waitsync(args.socket, args.args)
     try:
         result = asyncio.run(request(args.socket, args.subcommand, list(args.args)))
     except ControlError as exc:
@@ -60,6 +62,59 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render(args.subcommand, result, args.configured_names, args.verbose))
     return 0
+
+
+def waitsync(socket: Path, words: list[str], sleep: Any = time.sleep) -> int:
+    """chronyc's ``waitsync [max-tries [max-correction [max-skew [interval]]]]``.
+
+    Asks for ``tracking`` every ``interval`` seconds (default 10) until the
+    daemon is synchronised, its remaining correction is at most
+    ``max-correction`` seconds and its skew at most ``max-skew`` ppm (0: not
+    checked), or ``max-tries`` tries were made (0, the default: no limit).
+    A daemon that does not answer yet is a failed try. 0 when synchronised.
+    """
+    try:
+        tries = int(words[0]) if len(words) > 0 else 0
+        max_corr = float(words[1]) if len(words) > 1 else 0.0
+        max_skew = float(words[2]) if len(words) > 2 else 0.0
+        every = float(words[3]) if len(words) > 3 else 10.0
+        if len(words) > 4 or tries < 0 or max_corr < 0 or max_skew < 0 or every <= 0:
+            raise ValueError
+    except ValueError:
+        print("ntspy ctl: usage: waitsync [max-tries [max-correction [max-skew [interval]]]]",
+              file=sys.stderr)
+        return 2
+    n = 0
+    while True:
+        n += 1
+        try:
+            t = asyncio.run(request(socket, "tracking", []))
+        except ControlError as exc:
+            print(f"try: {n}, no answer ({exc})")
+        else:
+            correction = abs(float(t["system_time_offset"]))
+            skew = float(t["skew_ppm"])
+            ref = _refid(t.get("reference")) if t.get("synchronised") else 0
+            print(f"try: {n}, refid: {ref:08X}, correction: {correction:.9f}, skew: {skew:.3f}")
+            if ref and (not max_corr or correction <= max_corr) \
+                    and (not max_skew or skew <= max_skew):
+                return 0
+        if tries and n >= tries:
+            return 1
+        sleep(every)
+
+
+def _refid(reference: Any) -> int:
+    """The reference as chronyc prints it: an IPv4 address as its 32 bits, a name's hash."""
+    text = str(reference or "")
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return int.from_bytes(hashlib.md5(text.encode(), usedforsecurity=False).digest()[:4],
+                              "big") or 1
+    if isinstance(ip, ipaddress.IPv4Address):
+        return int(ip)
+    return int.from_bytes(hashlib.md5(ip.packed, usedforsecurity=False).digest()[:4], "big")
 
 
 def _name(row: dict[str, Any], configured: bool) -> str:

@@ -33,6 +33,7 @@ from ..net.tls import ServerContexts
 from ..net.udp import UdpServer
 from ..proto import aead
 from ..proto.ntp import unix_ns_to_ntp
+from ..sdnotify import notify
 from .access import AccessTable
 from .ke_server import KeServer
 from .keys import KeyStore
@@ -344,7 +345,11 @@ async def _serve(config: Config) -> int:
     control = ControlServer(control_path(config), daemon.control_handlers())
     await control.start()
     log.info("serving NTP on port %d and NTS-KE on port %d", daemon.ntp_port, daemon.ke_port)
-    await _stop_event().wait()
+    stop = _stop_event()
+    notify("READY=1", f"STATUS=serving NTP on port {daemon.ntp_port}, "
+           f"NTS-KE on port {daemon.ke_port}", f"MAINPID={os.getpid()}")
+    await stop.wait()
+    notify("STOPPING=1")
     log.info("shutting down")
     await control.close()
     await daemon.stop()
@@ -368,10 +373,12 @@ def _serve_workers(config: Config) -> int:
     children: dict[int, int] = {}
 
     def spawn(worker: int) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
+                _die_with_parent(parent)
                 code = asyncio.run(_worker(config, sockets, stats, worker, key_dir))
             finally:
                 os._exit(code)
@@ -396,6 +403,22 @@ def _serve_workers(config: Config) -> int:
         sockets.close()
         if private_keys is not None:
             private_keys.cleanup()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker gets SIGTERM when the supervisor dies, however it dies (kill -9
+    too): no orphan keeps holding the server's ports."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("worker: cannot ask for the parent-death signal: %s",
+                    os.strerror(ctypes.get_errno()))
+    if os.getppid() != parent:  # the supervisor died before the request took
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def _worker(
@@ -426,6 +449,8 @@ async def _supervise(
 
     loop.add_signal_handler(signal.SIGHUP, forward_hup)
     log.info("serving with %d worker processes", len(children))
+    notify("READY=1", f"STATUS=serving with {len(children)} worker processes",
+           f"MAINPID={os.getpid()}")
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), HOUSEKEEPING_INTERVAL)
