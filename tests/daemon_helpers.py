@@ -101,6 +101,7 @@ class ClientProc:
             f"ntsdumpdir {self.dumpdir}",
             f"driftfile {self.driftfile}",
             f"bindcmdaddress {self.socket_path}",
+            f"pidfile {self.directory / 'client.pid'}",
             *self.extra_lines,
         ]
         self.config_path.write_text("\n".join(lines) + "\n")

@@ -158,6 +158,8 @@ class Config:
     maxslewrate: float = 83333.333
     maxdrift: float = 500000.0
     bindcmdaddress: list[str] = field(default_factory=list)
+    pidfile: Path | None = None
+    """chrony's ``pidfile``; None = the daemon's default under /run/ntspy."""
     user: str | None = None
     """chrony's ``user``: the account to run as after start-up."""
     ignored: list[tuple[int, str]] = field(default_factory=list)
@@ -472,7 +474,7 @@ IGNORED_DIRECTIVES = frozenset(
         "fallbackdrift", "hwclockfile", "hwtimestamp", "keyfile", "leapsecmode",
         "leapseclist", "leapsectz", "lock_all", "log", "logbanner", "logchange",
         "logdir", "mailonchange", "manual", "maxchange", "maxclockerror",
-        "maxsamples", "minsamples", "noclientlog", "pidfile", "ptpport",
+        "maxsamples", "minsamples", "noclientlog", "ptpport",
         "rtcautotrim", "rtcdevice", "rtcfile", "rtconutc",
         "rtcsync", "sched_priority", "tempcomp",
     }
@@ -722,6 +724,10 @@ class _Parser:
     def d_minsources(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 1)
         self.config.minsources = _int(where, args[0], "number of sources", 1, 255)
+
+    def d_pidfile(self, where: _Where, args: list[str], depth: int) -> None:
+        _nargs(where, args, 1)
+        self.config.pidfile = _relative(where, args[0])
 
     def d_user(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 1)

@@ -35,7 +35,8 @@ def test_a_daemon_that_should_steer_the_clock_refuses_without_cap_sys_time(
         server: ServerProc, tmp_path: Path) -> None:
     conf = tmp_path / "client.conf"
     conf.write_text(f"server {LOOPBACK} port {server.ntp_port} {POLL}\n"
-                    f"bindcmdaddress {tmp_path / 'client.sock'}\n")
+                    f"bindcmdaddress {tmp_path / 'client.sock'}\n"
+                    f"pidfile {tmp_path / 'client.pid'}\n")
     # Without -x: it must exit at once with a clear message, not poll and fail forever.
     out = subprocess.run([*NO_SYS_TIME, sys.executable, "-m", "ntspy", "run", "-f", str(conf)],
                          capture_output=True, text=True, timeout=30, check=False,
@@ -185,8 +186,36 @@ def test_user_drops_root_and_the_daemon_goes_on(server: ServerProc) -> None:
 
 def test_serve_refuses_a_user_it_cannot_switch_to_yet(tmp_path: Path) -> None:
     conf = tmp_path / "server.conf"
-    conf.write_text("user nobody\nallow 127.0.0.1\nport 0\n")
+    conf.write_text(f"user nobody\nallow 127.0.0.1\nport 0\npidfile {tmp_path / 'x.pid'}\n")
     out = subprocess.run([*NO_SYS_TIME, sys.executable, "-m", "ntspy", "serve", "-f", str(conf)],
                          capture_output=True, text=True, timeout=30, check=False,
                          stdin=subprocess.DEVNULL)
     assert out.returncode == 1 and "user nobody" in out.stderr, out
+
+
+def test_a_second_instance_refuses_to_start_naming_the_first(
+        server: ServerProc, tmp_path: Path) -> None:
+    client = ClientProc(tmp_path / "client", [f"server {LOOPBACK} port {server.ntp_port} {POLL}"])
+    pidfile = client.directory / "client.pid"
+    pidfile.write_text("999999\n")  # a stale file from a crash must not block the start
+    try:
+        client.start()
+        assert pidfile.read_text().strip() == str(client.pid)
+        out = run_ntspy("-x", "-f", str(client.config_path))
+        assert out.returncode == 1, out
+        assert f"another instance is running (pid {client.pid}" in out.stderr, out.stderr
+        # ... and the first one still owns its control socket and answers.
+        assert client.query("tracking") is not None and client.proc is not None
+        assert client.proc.poll() is None
+    finally:
+        assert client.stop() == 0
+    assert not pidfile.exists()  # removed at a clean exit
+
+
+def test_a_second_server_refuses_to_start(server: ServerProc) -> None:
+    out = subprocess.run([*NO_SYS_TIME, sys.executable, "-m", "ntspy", "serve", "-f",
+                          str(server.config_path)], capture_output=True, text=True, timeout=30,
+                         check=False, stdin=subprocess.DEVNULL)
+    assert out.returncode == 1, out
+    assert server.proc is not None
+    assert f"another instance is running (pid {server.proc.pid}" in out.stderr, out.stderr

@@ -23,6 +23,7 @@ from ..config import Config, load_config, parse_config
 from ..control.protocol import ControlServer
 from ..errors import CertificateError, ConfigError, NtsError
 from ..net.dns import TYPE_A, TYPE_AAAA
+from ..pidfile import AlreadyRunning, PidFile
 from ..privileges import PrivilegeError, drop_to, hand_over, lookup
 from ..sdnotify import notify
 from ..server.daemon import ServerDaemon, Sockets, control_path, setup_logging
@@ -35,6 +36,7 @@ log = logging.getLogger("ntspy.run")
 
 
 DEFAULT_CONFIG = Path("/etc/ntspy/ntspy.conf")
+DEFAULT_PIDFILE = Path("/run/ntspy/ntspy.pid")
 ONESHOT_TIMEOUT = 30.0
 """Seconds ``-q``/``-Q`` wait for a measurement when ``-t`` does not say."""
 _CHRONY_LEVELS = {-1: "debug", 0: "info", 1: "warning", 2: "error", 3: "critical"}
@@ -130,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             timeout = ONESHOT_TIMEOUT if args.timeout is None else args.timeout
             return asyncio.run(_once(config, clock, options, timeout, args.set_once))
         return asyncio.run(_main(config, clock, options))
-    except (ConfigError, CertificateError) as exc:
+    except (ConfigError, CertificateError, AlreadyRunning) as exc:
         print(f"ntspy: {exc}", file=sys.stderr)
         return 1
     except PrivilegeError as exc:
@@ -182,6 +184,15 @@ def _drop_privileges(config: Config, keep_sys_time: bool) -> None:
 
 
 async def _main(config: Config, clock: ClockControl, options: ClientOptions) -> int:
+    # First of all: a second instance must not take the first one's sockets.
+    pidfile = PidFile(config.pidfile or DEFAULT_PIDFILE)
+    try:
+        return await _serve(config, clock, options)
+    finally:
+        pidfile.release()
+
+
+async def _serve(config: Config, clock: ClockControl, options: ClientOptions) -> int:
     if config.ntsprocesses > 1:
         log.info("ntsprocesses is for 'ntspy serve'; 'ntspy run' stays one process")
     client = ClientDaemon(config, clock, options)

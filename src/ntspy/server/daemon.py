@@ -31,6 +31,7 @@ from ..control.protocol import DEFAULT_SOCKET, ControlServer
 from ..errors import CertificateError, ConfigError, NtsError
 from ..net.tls import ServerContexts
 from ..net.udp import UdpServer
+from ..pidfile import AlreadyRunning, PidFile
 from ..proto import aead
 from ..proto.ntp import unix_ns_to_ntp
 from ..sdnotify import notify
@@ -45,6 +46,7 @@ from .stats import StatsTable, format_serverstats
 log = logging.getLogger("ntspy.server")
 
 HOUSEKEEPING_INTERVAL = 1.0
+DEFAULT_PIDFILE = Path("/run/ntspy/ntspy-serve.pid")
 
 
 def _limiter(rl: RateLimit | None) -> RateLimiter | None:
@@ -318,8 +320,14 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"user {config.user}: 'ntspy serve' cannot drop privileges yet; "
                               "start it as that user (systemd User=) with "
                               "CAP_NET_BIND_SERVICE for ports below 1024", config.filename)
-        return asyncio.run(_serve(config)) if config.ntsprocesses <= 1 else _serve_workers(config)
-    except (ConfigError, CertificateError) as exc:
+        pidfile = PidFile(config.pidfile or DEFAULT_PIDFILE)
+        try:
+            if config.ntsprocesses <= 1:
+                return asyncio.run(_serve(config))
+            return _serve_workers(config)
+        finally:
+            pidfile.release()
+    except (ConfigError, CertificateError, AlreadyRunning) as exc:
         print(f"ntspy: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
