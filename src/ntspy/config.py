@@ -162,8 +162,9 @@ class Config:
     """chrony's ``pidfile``; None = the daemon's default under /run/ntspy."""
     user: str | None = None
     """chrony's ``user``: the account to run as after start-up."""
-    ignored: list[tuple[int, str]] = field(default_factory=list)
-    """(line number, directive) of each accepted-but-ignored directive."""
+    ignored: list[tuple[str, int, str]] = field(default_factory=list)
+    """(file, line number, directive) of each accepted-but-ignored directive; the
+    file is the one the line is in (an ``include`` or ``confdir`` file too)."""
 
     def nts_server_credentials(self) -> list[tuple[Path, Path]]:
         """(certificate, key) pairs for the NTS-KE server, paired by order."""
@@ -515,7 +516,7 @@ class _Parser:
             if handler is not None:
                 handler(self, where, words[1:], depth)
             elif name in IGNORED_DIRECTIVES:
-                self.config.ignored.append((lineno, name))
+                self.config.ignored.append((filename, lineno, name))
             elif name in UNSUPPORTED_DIRECTIVES:
                 raise where.error(UNSUPPORTED_DIRECTIVES[name])
             else:
@@ -595,7 +596,7 @@ class _Parser:
                 distance = _float(where, value, "distance", 0.0)
             else:  # newer chrony's activation tuning: no effect here
                 _float(where, value, option, 0.0)
-                self.config.ignored.append((where.lineno, f"local {option}"))
+                self.config.ignored.append((where.filename, where.lineno, f"local {option}"))
         self.config.local_stratum = stratum
         self.config.local_orphan = orphan
         self.config.local_distance = distance
@@ -679,7 +680,7 @@ class _Parser:
             if args[1].lower() != "interval" or len(args) != 3:
                 raise where.error(f"unknown option {_show(args[1])}")
             _int(where, args[2], "interval", 0, _I31_MAX)
-            self.config.ignored.append((where.lineno, "driftfile interval"))
+            self.config.ignored.append((where.filename, where.lineno, "driftfile interval"))
         self.config.driftfile = _relative(where, args[0])
 
     def d_makestep(self, where: _Where, args: list[str], depth: int) -> None:
@@ -892,13 +893,21 @@ def load_config(path: Path) -> Config:
     return parse_config(text, str(path))
 
 
-def load_sources_dir(directory: Path) -> list[SourceConfig]:
+def load_sources_dir(directory: Path,
+                     errors: list[ConfigError] | None = None) -> list[SourceConfig]:
     """Sources from chrony ``sourcedir``-style ``*.sources`` files, in name order.
 
     Only ``server`` and ``pool`` lines are allowed.  As in chrony, a last line
     without a newline is ignored: the file may still be being written (by a
-    DHCP hook, say).  A missing directory holds no sources.
+    DHCP hook, say).  A missing directory holds no sources.  Given ``errors``,
+    a bad line (or an unreadable file) is put there and skipped, and the other
+    lines still count; without it the first one raises.
     """
+    def reject(exc: ConfigError) -> None:
+        if errors is None:
+            raise exc
+        errors.append(exc)
+
     if not directory.is_dir():
         return []
     sources: list[SourceConfig] = []
@@ -906,19 +915,23 @@ def load_sources_dir(directory: Path) -> list[SourceConfig]:
         try:
             text = _read_text(path)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read sources: {_reason(exc)}", str(path)) from None
+            reject(ConfigError(f"cannot read sources: {_reason(exc)}", str(path)))
+            continue
         # the last element is the unterminated tail, or "" after a final newline
         lines = text.split("\n")[:-1]
         for lineno, line in enumerate(lines, start=1):
-            words = _tokens(line)
-            if words is None:
-                continue
-            name = words[0].lower()
-            if name not in ("server", "pool"):
-                raise ConfigError(
-                    f"{name}: only server and pool lines are allowed in a .sources file",
-                    str(path),
-                    lineno,
-                )
-            sources.append(parse_source_line(words[1:], name == "pool", str(path), lineno))
+            try:
+                words = _tokens(line)
+                if words is None:
+                    continue
+                name = words[0].lower()
+                if name not in ("server", "pool"):
+                    raise ConfigError(
+                        f"{name}: only server and pool lines are allowed in a .sources file",
+                        str(path),
+                        lineno,
+                    )
+                sources.append(parse_source_line(words[1:], name == "pool", str(path), lineno))
+            except ConfigError as exc:
+                reject(exc)
     return sources

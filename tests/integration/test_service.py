@@ -219,3 +219,26 @@ def test_a_second_server_refuses_to_start(server: ServerProc) -> None:
     assert out.returncode == 1, out
     assert server.proc is not None
     assert f"another instance is running (pid {server.proc.pid}" in out.stderr, out.stderr
+
+
+def test_a_bad_sourcedir_line_rejects_only_that_line(server: ServerProc, tmp_path: Path) -> None:
+    srcdir = tmp_path / "sources.d"
+    srcdir.mkdir()
+    (srcdir / "a.sources").write_text(
+        f"server {LOOPBACK} port {server.ntp_port} {POLL}\n"
+        "server localhost minpoll banana\n"  # a typo in a DHCP hook's output, say
+        f"server localhost port {server.ntp_port} {POLL}\n")
+    client = ClientProc(tmp_path / "client", [], [f"sourcedir {srcdir}"])
+    try:
+        client.start()
+        names = [row["configured"] for row in client.query("sources")]
+        assert names == [LOOPBACK, "localhost"], names  # the good lines count
+        assert f"{srcdir / 'a.sources'}:2: server: invalid minpoll" in client.log(), client.log()
+        out = subprocess.run([sys.executable, "-m", "ntspy", "ctl", "-s", str(client.socket_path),
+                              "reload", "sources"], capture_output=True, text=True, timeout=30,
+                             check=False)
+        assert out.returncode == 1, out  # a reload that rejected something is no success
+        assert "rejected:" in out.stderr and "a.sources:2" in out.stderr, out.stderr
+        assert "0 sources added, 0 removed" in out.stdout, out.stdout
+    finally:
+        client.stop()

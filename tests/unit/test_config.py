@@ -192,11 +192,11 @@ def test_debian_default_loads() -> None:
     assert config.driftfile == Path("/var/lib/chrony/chrony.drift")
     assert config.ntsdumpdir == Path("/var/lib/chrony")
     assert config.makestep == (1.0, 3)
-    assert [name for _, name in config.ignored] == [
+    assert [name for _, _, name in config.ignored] == [
         "keyfile", "logdir", "rtcsync", "leapsectz",
     ]  # fmt: skip
     assert config.maxupdateskew == 100.0
-    assert config.ignored[0] == (16, "keyfile")
+    assert config.ignored[0] == ("/nonexistent-dir/chrony.conf", 16, "keyfile")
 
 
 SYSTEM_CHRONY_CONF = Path("/etc/chrony/chrony.conf")
@@ -505,14 +505,23 @@ def test_ignored_and_newer_chrony_options_are_reported_with_lines() -> None:
         "driftfile /d interval 3600\ncmdport 0\n"
     )
     assert config.ignored == [
-        (1, "rtcsync"),
-        (2, "logdir"),
-        (3, "log"),
-        (4, "local activate"),
-        (5, "driftfile interval"),
-        (6, "cmdport"),
+        ("<config>", 1, "rtcsync"),
+        ("<config>", 2, "logdir"),
+        ("<config>", 3, "log"),
+        ("<config>", 4, "local activate"),
+        ("<config>", 5, "driftfile interval"),
+        ("<config>", 6, "cmdport"),
     ]
     assert config.local_stratum == 10 and config.driftfile == Path("/d")
+
+
+def test_ignored_lines_of_an_included_file_name_that_file(tmp_path: Path) -> None:
+    extra = tmp_path / "extra.conf"
+    extra.write_text("# comment\nrtcsync\n")
+    main = tmp_path / "main.conf"
+    main.write_text(f"logdir /var/log\ninclude {extra}\n")
+    config = load_config(main)
+    assert config.ignored == [(str(main), 1, "logdir"), (str(extra), 2, "rtcsync")]
 
 
 def test_config_object_defaults_construct() -> None:

@@ -52,9 +52,9 @@ class FakeDns(asyncio.DatagramProtocol):
         self.transport.sendto(answer(data), addr)  # type: ignore[attr-defined]
 
 
-async def start_server() -> tuple[asyncio.DatagramTransport, int]:
+async def start_server(port: int = 0) -> tuple[asyncio.DatagramTransport, int]:
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(FakeDns, local_addr=("127.0.0.1", 0))
+    transport, _ = await loop.create_datagram_endpoint(FakeDns, local_addr=("127.0.0.1", port))
     return transport, transport.get_extra_info("sockname")[1]
 
 
@@ -114,4 +114,54 @@ async def test_daemon_expands_a_pool_through_the_resolver() -> None:
         assert [s.name for s in sources] == ["127.0.0.2", "127.0.0.3", "127.0.0.9"]
         assert all(s.resolved for s in sources)
     finally:
+        transport.close()
+
+
+async def test_a_pool_that_does_not_resolve_at_start_is_retried_until_it_does() -> None:
+    # The nameserver is not there at boot (the network comes up late) ...
+    loop = asyncio.get_running_loop()
+    silent, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol,
+                                                    local_addr=("127.0.0.1", 0))
+    port = silent.get_extra_info("sockname")[1]
+    resolver = Resolver(ResolverConfig([("127.0.0.1", port)], timeout=0.1, attempts=1))
+    config = parse_config("pool pool.example iburst maxsources 2\n")
+    daemon = ClientDaemon(config, MeasureOnlyClock(), ClientOptions(
+        resolver=resolver, pool_check=0.05, pool_retry=0.1))
+    try:
+        await daemon.start()
+        assert daemon.sources == []  # nothing yet, but not given up on
+        await asyncio.sleep(0.5)
+        assert daemon.sources == []
+        # ... then it answers, on the same address.
+        silent.close()
+        await asyncio.sleep(0.01)  # the close takes effect on the next turn of the loop
+        transport, _ = await start_server(port)
+        try:
+            for _ in range(100):
+                if len(daemon.sources) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert sorted(s.address for s in daemon.sources) == ["127.0.0.2", "127.0.0.3"]
+        finally:
+            transport.close()
+    finally:
+        await daemon.stop()
+
+
+async def test_an_unreachable_pool_source_is_replaced() -> None:
+    transport, port = await start_server()
+    resolver = Resolver(ResolverConfig([("127.0.0.1", port)], timeout=1.0))
+    config = parse_config("pool pool.example maxsources 1\n")
+    daemon = ClientDaemon(config, MeasureOnlyClock(), ClientOptions(
+        resolver=resolver, pool_check=0.05, pool_retry=0.1))
+    try:
+        daemon.sources = await daemon._make_sources(daemon.configured_sources())
+        (first,) = daemon.sources
+        assert first.address == "127.0.0.2"
+        first.machine.polls = 8  # eight polls, no answer: the reach register is empty
+        key, state = next(iter(daemon._pools.items()))
+        await daemon._keep_pool(key, state)
+        assert [s.address for s in daemon.sources] == ["127.0.0.3"]
+    finally:
+        await daemon.stop()
         transport.close()

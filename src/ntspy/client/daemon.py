@@ -21,7 +21,7 @@ from typing import Any
 
 from ..clock import ClockControl, SlewingClock
 from ..config import Config, SourceConfig, load_sources_dir
-from ..errors import NtsError, StateFileError
+from ..errors import ConfigError, NtsError, StateFileError
 from ..net.dns import TYPE_A, TYPE_AAAA, Resolver
 from ..net.tls import TrustConfig
 from ..proto.ntp import Leap, unix_ns_to_ntp
@@ -47,6 +47,40 @@ class ClientOptions:
     restore_time: bool = False  # chronyd -s
     resolver: Resolver | None = None
     families: tuple[int, ...] = (TYPE_A, TYPE_AAAA)  # chronyd -4 / -6 limit these
+    pool_check: float = 4.0  # seconds between looks at the pools
+    pool_retry: float = 16.0  # first back-off after a pool failed to resolve, doubling
+
+
+POOL_DEAD_POLLS = 8
+"""Polls without an answer (a whole reach register) after which a pool source is replaced."""
+POOL_RETRY_MAX = 4096.0
+"""Longest wait between resolutions of a pool that keeps failing, seconds."""
+
+
+def _pool_key(cfg: SourceConfig) -> tuple[str, int, bool]:
+    return (cfg.name, cfg.port, cfg.nts)
+
+
+class _PoolState:
+    """When a pool may be resolved again."""
+
+    __slots__ = ("backoff", "base", "cfg", "retry_at")
+
+    def __init__(self, cfg: SourceConfig, base: float) -> None:
+        self.cfg = cfg
+        self.base = base
+        self.backoff = 0.0
+        self.retry_at = 0.0
+
+    def failed(self, now: float) -> None:
+        self.backoff = min(POOL_RETRY_MAX, self.backoff * 2 if self.backoff else self.base)
+        self.retry_at = now + self.backoff
+
+    def succeeded(self, now: float, short: bool) -> None:
+        if short:  # the name gave fewer addresses than wanted: ask less and less often
+            self.failed(now)
+        else:
+            self.backoff = self.retry_at = 0.0
 
 
 class ClientDaemon:
@@ -83,6 +117,8 @@ class ClientDaemon:
         self._logged_reference: str | None = None
         self._stopping = False
         self._maintenance: asyncio.TimerHandle | None = None
+        self._pools: dict[tuple[str, int, bool], _PoolState] = {}
+        self._pool_task: asyncio.Task[None] | None = None
         self._tasks: dict[Source, asyncio.Task[None]] = {}
         self._resolver = self.options.resolver
         self._started = time.monotonic()
@@ -98,13 +134,17 @@ class ClientDaemon:
             no_cert_time_check=self.config.nocerttimecheck > 0,
         )
 
-    def configured_sources(self) -> list[SourceConfig]:
+    def configured_sources(self, rejected: list[str] | None = None) -> list[SourceConfig]:
+        """The configured sources and those of ``sourcedir``; a bad line there is
+        logged with its file and line, left out, and added to ``rejected``."""
         sources = list(self.config.sources)
         for directory in self.config.sourcedir:
-            try:
-                sources += load_sources_dir(directory)
-            except NtsError as exc:
-                log.error("sourcedir %s: %s", directory, exc)
+            errors: list[ConfigError] = []
+            sources += load_sources_dir(directory, errors)
+            for exc in errors:
+                log.error("sourcedir %s: %s (line ignored)", directory, exc)
+                if rejected is not None:
+                    rejected.append(str(exc))
         return sources
 
     async def _make_sources(self, configs: list[SourceConfig]) -> list[Source]:
@@ -113,16 +153,68 @@ class ClientDaemon:
             if not cfg.pool:
                 made.append(self._source(cfg, None))
                 continue
+            self._pools.setdefault(_pool_key(cfg), _PoolState(cfg, self.options.pool_retry))
             resolver = self._resolver or Resolver()
             self._resolver = resolver
             try:
                 addresses = await resolver.resolve(cfg.name, self.options.families)
             except NtsError as exc:
-                log.error("pool %s: %s", cfg.name, exc)
+                # Not dropped: the pool keeper tries again (the network may come up late).
+                log.warning("pool %s: %s (will retry)", cfg.name, exc)
                 continue
             for address in addresses[: cfg.maxsources]:
                 made.append(self._source(cfg, address))
         return made
+
+    async def _keep_pools(self) -> None:
+        """Resolve pools that are short of sources again, with back-off, and replace
+        pool sources that stopped answering (as chrony does)."""
+        while True:
+            await asyncio.sleep(self.options.pool_check)
+            for key, state in list(self._pools.items()):
+                try:
+                    await self._keep_pool(key, state)
+                except Exception:
+                    self.loop_errors += 1
+                    log.exception("pool %s: keeping it filled failed", state.cfg.name)
+
+    async def _keep_pool(self, key: tuple[str, int, bool], state: _PoolState) -> None:
+        cfg = state.cfg
+        members = [s for s in self.sources if s.cfg.pool and _pool_key(s.cfg) == key]
+        dead = [s for s in members if s.polls >= POOL_DEAD_POLLS and not s.reach.reachable]
+        if len(members) - len(dead) >= cfg.maxsources:
+            return
+        now = asyncio.get_running_loop().time()
+        if now < state.retry_at:
+            return
+        self._resolver = self._resolver or Resolver()
+        try:
+            addresses = await self._resolver.resolve(cfg.name, self.options.families)
+        except NtsError as exc:
+            state.failed(now)
+            log.warning("pool %s: %s (retry in %.0f s)", cfg.name, exc, state.backoff)
+            return
+        have = {s.address for s in members}
+        fresh = [a for a in addresses if a not in have]
+        alive = len(members) - len(dead)
+        for src in dead:
+            if not fresh:
+                break
+            await self._remove(src)
+            new = self._add(cfg, fresh.pop(0))
+            alive += 1
+            log.info("Source %s replaced with %s (%s)", src.address, new.address, cfg.name)
+        while alive < cfg.maxsources and fresh:
+            new = self._add(cfg, fresh.pop(0))
+            log.info("Added source %s (%s)", new.address, cfg.name)
+            alive += 1
+        state.succeeded(now, short=alive < cfg.maxsources)
+
+    def _add(self, cfg: SourceConfig, address: str) -> Source:
+        src = self._source(cfg, address)
+        self.sources.append(src)
+        self._spawn(src)
+        return src
 
     def _source(self, cfg: SourceConfig, address: str | None) -> Source:
         src = Source(
@@ -140,11 +232,18 @@ class ClientDaemon:
         self.sources = await self._make_sources(self.configured_sources())
         for src in self.sources:
             self._spawn(src)
+        self._pool_task = asyncio.create_task(self._keep_pools(), name="pools")
         log.info("client started with %d sources", len(self.sources))
 
-    async def reload_sources(self) -> dict[str, int]:
-        """Re-read ``sourcedir``: add new sources, remove vanished ones (configured stay)."""
-        wanted = self.configured_sources()
+    async def reload_sources(self) -> dict[str, Any]:
+        """Re-read ``sourcedir``: add new sources, remove vanished ones (configured stay).
+
+        Returns the counts and the lines that were ``rejected``."""
+        rejected: list[str] = []
+        wanted = self.configured_sources(rejected)
+        # Pools no longer configured are no longer kept filled.
+        keep = {_pool_key(c) for c in wanted if c.pool}
+        self._pools = {k: v for k, v in self._pools.items() if k in keep}
         keys = {(c.name, c.port, c.nts) for c in wanted}
         removed = 0
         for src in list(self.sources):
@@ -158,7 +257,7 @@ class ClientDaemon:
         for src in new:
             self.sources.append(src)
             self._spawn(src)
-        return {"added": len(new), "removed": removed}
+        return {"added": len(new), "removed": removed, "rejected": rejected}
 
     async def _remove(self, src: Source) -> None:
         task = self._tasks.pop(src, None)
@@ -173,6 +272,10 @@ class ClientDaemon:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._pool_task is not None:
+            self._pool_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pool_task
         if self._maintenance is not None:
             self._maintenance.cancel()
         if isinstance(self.clock, SlewingClock):

@@ -108,8 +108,14 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(_level(args), args.logfile)
     try:
         config = _config(args)
-        for lineno, directive in config.ignored:
-            log.info("%s:%d: ignoring directive %s", config.filename, lineno, directive)
+        for filename, lineno, directive in config.ignored:
+            log.warning("%s:%d: ignoring directive %s (not supported)", filename, lineno,
+                        directive)
+        for src in config.sources:
+            if src.ignored_options:
+                log.warning("%s %s: ignoring options %s (not supported)",
+                            "pool" if src.pool else "server", src.name,
+                            ", ".join(src.ignored_options))
         if args.user:
             config.user = args.user
         clock: ClockControl
@@ -289,7 +295,7 @@ def control_handlers(client: ClientDaemon, server: ServerDaemon | None) -> dict[
     async def ntpdata(args: list[str]) -> list[dict[str, Any]]:
         return client.ntpdata_view()
 
-    async def reload(args: list[str]) -> dict[str, int]:
+    async def reload(args: list[str]) -> dict[str, Any]:
         if args != ["sources"]:
             raise NtsError("usage: reload sources")
         return await client.reload_sources()

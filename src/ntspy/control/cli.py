@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
         sys.stdout.write(render(args.subcommand, result, args.configured_names, args.verbose))
+    if args.subcommand == "reload" and isinstance(result, dict) and result.get("rejected"):
+        for line in result["rejected"]:
+            print(f"ntspy ctl: rejected: {line}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -313,8 +313,14 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         config = load_config(args.config)
-        for lineno, directive in config.ignored:
-            log.info("%s:%d: ignoring directive %s", config.filename, lineno, directive)
+        for filename, lineno, directive in config.ignored:
+            log.warning("%s:%d: ignoring directive %s (not supported)", filename, lineno,
+                        directive)
+        for src in config.sources:
+            if src.ignored_options:
+                log.warning("%s %s: ignoring options %s (not supported)",
+                            "pool" if src.pool else "server", src.name,
+                            ", ".join(src.ignored_options))
         if config.user:
             # Never carry on as root when the file asked for less.
             raise ConfigError(f"user {config.user}: 'ntspy serve' cannot drop privileges yet; "
