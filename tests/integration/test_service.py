@@ -242,3 +242,39 @@ def test_a_bad_sourcedir_line_rejects_only_that_line(server: ServerProc, tmp_pat
         assert "0 sources added, 0 removed" in out.stdout, out.stdout
     finally:
         client.stop()
+
+
+def test_a_port_in_use_is_named_with_its_protocol(server: ServerProc, tmp_path: Path) -> None:
+    conf = tmp_path / "second.conf"
+    conf.write_text(f"port {server.ntp_port}\nbindaddress {LOOPBACK}\nallow 127.0.0.1\n"
+                    f"ntsport 0\npidfile {tmp_path / 'second.pid'}\n"
+                    f"bindcmdaddress {tmp_path / 'second.sock'}\n")
+    out = subprocess.run([*NO_SYS_TIME, sys.executable, "-m", "ntspy", "serve", "-f", str(conf)],
+                         capture_output=True, text=True, timeout=30, check=False,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 1, out
+    assert f"UDP (NTP) port {server.ntp_port} on {LOOPBACK} is already in use" in out.stderr, out
+
+
+def test_a_low_port_without_privilege_names_the_capability() -> None:
+    import shutil
+    import tempfile
+    top = Path(tempfile.mkdtemp(prefix="ntspy-lowport-"))  # reachable by the user below
+    top.chmod(0o777)
+    conf = top / "low.conf"
+    # The privileged range ends where the kernel says (1024 unless lowered).
+    start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    assert start > 1, "this kernel lets anyone bind any port: nothing to refuse"
+    port = min(123, start - 1)
+    conf.write_text(f"port {port}\nbindaddress {LOOPBACK}\nallow 127.0.0.1\nntsport 0\n"
+                    f"pidfile {top / 'low.pid'}\nbindcmdaddress {top / 'low.sock'}\n")
+    conf.chmod(0o644)
+    # As an unprivileged user (setpriv), binding port 123 must fail and say why.
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          "--inh-caps=-all", "--bounding-set=-all",
+                          sys.executable, "-m", "ntspy", "serve", "-f", str(conf)],
+                         capture_output=True, text=True, timeout=30, check=False,
+                         stdin=subprocess.DEVNULL)
+    shutil.rmtree(top, ignore_errors=True)
+    assert out.returncode == 1, out
+    assert "ports below 1024 need root or CAP_NET_BIND_SERVICE" in out.stderr, out.stderr

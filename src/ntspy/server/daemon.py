@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -95,16 +96,43 @@ class Sockets:
     @classmethod
     def bind(cls, config: Config) -> Sockets:
         out = cls()
-        for host in _bind_addresses(config):
-            if config.port:
-                out.ntp.append(open_udp_socket(host, config.port))
-            if config.ntsport and config.ntsservercert:
-                out.ke.append(open_tcp_socket(host, config.ntsport))
+        try:
+            for host in _bind_addresses(config):
+                if config.port:
+                    out.ntp.append(_bound(open_udp_socket, "UDP (NTP)", host, config.port))
+                if config.ntsport and config.ntsservercert:
+                    out.ke.append(_bound(open_tcp_socket, "TCP (NTS-KE)", host, config.ntsport))
+        except OSError:
+            out.close()
+            raise
         return out
 
     def close(self) -> None:
         for s in self.ntp + self.ke:
             s.close()
+
+
+class BindError(OSError):
+    """A server socket could not be bound; the message says which and why."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _bound(opener: Any, protocol: str, host: str, port: int) -> socket.socket:
+    """Open a listening socket; the errors an operator meets say what to do."""
+    try:
+        sock: socket.socket = opener(host, port)
+    except OSError as exc:
+        where = f"{protocol} port {port} on {host or 'all addresses'}"
+        if exc.errno in (errno.EACCES, errno.EPERM) and 0 < port < 1024:
+            raise BindError(exc.errno, f"cannot bind {where}: ports below 1024 need root or "
+                                     "CAP_NET_BIND_SERVICE") from None
+        if exc.errno == errno.EADDRINUSE:
+            raise BindError(exc.errno, f"{where} is already in use (another NTP server, "
+                                     "e.g. chronyd, running?)") from None
+        raise BindError(exc.errno, f"cannot bind {where}: {exc.strerror or exc}") from None
+    return sock
 
 
 class ServerDaemon:
