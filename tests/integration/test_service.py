@@ -184,13 +184,40 @@ def test_user_drops_root_and_the_daemon_goes_on(server: ServerProc) -> None:
         shutil.rmtree(top, ignore_errors=True)
 
 
-def test_serve_refuses_a_user_it_cannot_switch_to_yet(tmp_path: Path) -> None:
-    conf = tmp_path / "server.conf"
-    conf.write_text(f"user nobody\nallow 127.0.0.1\nport 0\npidfile {tmp_path / 'x.pid'}\n")
-    out = subprocess.run([*NO_SYS_TIME, sys.executable, "-m", "ntspy", "serve", "-f", str(conf)],
-                         capture_output=True, text=True, timeout=30, check=False,
-                         stdin=subprocess.DEVNULL)
-    assert out.returncode == 1 and "user nobody" in out.stderr, out
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_drops_root_and_still_serves_nts(workers: int) -> None:
+    import shutil
+    import tempfile
+
+    from ntspy import NtsSession
+    from ntspy.net.tls import TrustConfig
+    top = Path(tempfile.mkdtemp(prefix="ntspy-serve-user-"))
+    try:
+        top.chmod(0o755)
+        srv = start_ntspy_server(top, extra_lines=["user nobody"], ntsprocesses=workers)
+        try:
+            assert srv.proc is not None
+            wait_until(lambda: "running as user nobody" in srv.log(), 10.0, srv.log())
+            pids = [srv.proc.pid]
+            if workers > 1:
+                pids += [int(p) for p in Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}"
+                                              "/children").read_text().split()]
+            for pid in pids:
+                assert status_field(pid, "Uid").split() == ["65534"] * 4, pid
+                assert int(status_field(pid, "CapEff"), 16) == 0, pid
+            # A client gets cookies over NTS-KE and authenticated time from it.
+            async def measure() -> bool:
+                trust = TrustConfig(use_system_store=False, extra=[srv.certs.ca_cert])
+                async with NtsSession("localhost", srv.ke_port, trust=trust) as session:
+                    m = await session.measure()
+                    return m.authenticated
+            import asyncio
+            assert asyncio.run(measure())
+            assert srv.dumpdir.stat().st_uid == 65534  # key rotations still go to disk
+        finally:
+            assert srv.stop() == 0
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def test_a_second_instance_refuses_to_start_naming_the_first(

@@ -16,6 +16,7 @@ import errno
 import gc
 import logging
 import os
+import pwd
 import signal
 import socket
 import sys
@@ -33,6 +34,7 @@ from ..errors import CertificateError, ConfigError, NtsError
 from ..net.tls import ServerContexts
 from ..net.udp import UdpServer
 from ..pidfile import AlreadyRunning, PidFile
+from ..privileges import PrivilegeError, drop_to, hand_over, lookup
 from ..proto import aead
 from ..proto.ntp import unix_ns_to_ntp
 from ..sdnotify import notify
@@ -254,8 +256,9 @@ class ServerDaemon:
         try:
             self.contexts.reload(datetime.now(UTC))
             log.info("reloaded NTS server certificates")
-        except CertificateError as exc:
-            log.error("certificate reload failed, keeping the old ones: %s", exc)
+        except (CertificateError, OSError) as exc:
+            hint = f" (readable by uid {os.geteuid()}?)" if os.geteuid() else ""
+            log.error("certificate reload failed, keeping the old ones: %s%s", exc, hint)
             return
         if self.ke_server is not None:
             self.ke_server.certificates_reloaded()
@@ -295,6 +298,8 @@ class ServerDaemon:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--config", required=True, type=Path, help="configuration file")
+    parser.add_argument("-u", dest="user", default=None,
+                        help="after binding and reading keys, run as this user (chrony's 'user')")
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
@@ -349,20 +354,21 @@ def run(args: argparse.Namespace) -> int:
                 log.warning("%s %s: ignoring options %s (not supported)",
                             "pool" if src.pool else "server", src.name,
                             ", ".join(src.ignored_options))
-        if config.user:
-            # Never carry on as root when the file asked for less.
-            raise ConfigError(f"user {config.user}: 'ntspy serve' cannot drop privileges yet; "
-                              "start it as that user (systemd User=) with "
-                              "CAP_NET_BIND_SERVICE for ports below 1024", config.filename)
+        if args.user:
+            config.user = args.user
+        account = lookup(config.user) if config.user else None
         pidfile = PidFile(config.pidfile or DEFAULT_PIDFILE)
         try:
             if config.ntsprocesses <= 1:
-                return asyncio.run(_serve(config))
-            return _serve_workers(config)
+                return asyncio.run(_serve(config, account))
+            return _serve_workers(config, account)
         finally:
             pidfile.release()
     except (ConfigError, CertificateError, AlreadyRunning) as exc:
         print(f"ntspy: {exc}", file=sys.stderr)
+        return 1
+    except PrivilegeError as exc:
+        print(f"ntspy: cannot drop privileges: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"ntspy: cannot start the server: {exc}", file=sys.stderr)
@@ -377,7 +383,17 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-async def _serve(config: Config) -> int:
+def drop_privileges(account: pwd.struct_passwd | None, dirs: list[Path | None]) -> None:
+    """After start-up: run as ``account`` with no capabilities; its key directory
+    handed over so that rotations can still be written."""
+    if account is None:
+        return
+    hand_over([d for d in dirs if d is not None], account)
+    drop_to(account, keep_sys_time=False)
+    log.info("running as user %s (uid %d), no capabilities", account.pw_name, account.pw_uid)
+
+
+async def _serve(config: Config, account: pwd.struct_passwd | None = None) -> int:
     sockets = Sockets.bind(config)
     daemon = ServerDaemon(config, sockets)
     daemon.load_credentials()
@@ -386,6 +402,7 @@ async def _serve(config: Config) -> int:
     loop.add_signal_handler(signal.SIGHUP, daemon.reload_certificates)
     control = ControlServer(control_path(config), daemon.control_handlers())
     await control.start()
+    drop_privileges(account, [config.ntsdumpdir])
     log.info("serving NTP on port %d and NTS-KE on port %d", daemon.ntp_port, daemon.ke_port)
     stop = _stop_event()
     notify("READY=1", f"STATUS=serving NTP on port {daemon.ntp_port}, "
@@ -399,7 +416,7 @@ async def _serve(config: Config) -> int:
     return 0
 
 
-def _serve_workers(config: Config) -> int:
+def _serve_workers(config: Config, account: pwd.struct_passwd | None = None) -> int:
     sockets = Sockets.bind(config)
     stats = StatsTable(config.ntsprocesses, shared=True)
     private_keys = None
@@ -421,7 +438,7 @@ def _serve_workers(config: Config) -> int:
             code = 1
             try:
                 _die_with_parent(parent)
-                code = asyncio.run(_worker(config, sockets, stats, worker, key_dir))
+                code = asyncio.run(_worker(config, sockets, stats, worker, key_dir, account))
             finally:
                 os._exit(code)
         children[pid] = worker
@@ -433,7 +450,7 @@ def _serve_workers(config: Config) -> int:
     for w in range(config.ntsprocesses):
         spawn(w)
     try:
-        return asyncio.run(_supervise(config, main, children, spawn))
+        return asyncio.run(_supervise(config, main, children, spawn, account, key_dir))
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
@@ -464,12 +481,15 @@ def _die_with_parent(parent: int) -> None:
 
 
 async def _worker(
-    config: Config, sockets: Sockets, stats: StatsTable, worker: int, key_dir: Path
+    config: Config, sockets: Sockets, stats: StatsTable, worker: int, key_dir: Path,
+    account: pwd.struct_passwd | None = None,
 ) -> int:
     daemon = ServerDaemon(
         config, sockets, stats=stats, worker=worker, manage_keys=False, key_dir=key_dir
     )
     await daemon.start()
+    if account is not None:
+        drop_to(account, keep_sys_time=False)
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, daemon.reload_certificates)
     await _stop_event().wait()
     await daemon.stop()
@@ -477,10 +497,12 @@ async def _worker(
 
 
 async def _supervise(
-    config: Config, main: ServerDaemon, children: dict[int, int], spawn: Any
+    config: Config, main: ServerDaemon, children: dict[int, int], spawn: Any,
+    account: pwd.struct_passwd | None = None, key_dir: Path | None = None,
 ) -> int:
     control = ControlServer(control_path(config), main.control_handlers())
     await control.start()
+    drop_privileges(account, [key_dir])
     stop = _stop_event()
     loop = asyncio.get_running_loop()
 
