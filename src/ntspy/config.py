@@ -158,6 +158,10 @@ class Config:
     maxslewrate: float = 83333.333
     maxdrift: float = 500000.0
     bindcmdaddress: list[str] = field(default_factory=list)
+    logdir: Path | None = None
+    log: list[str] = field(default_factory=list)
+    """chrony's ``log`` kinds ntspy writes (measurements, statistics, tracking)."""
+    logbanner: int = 32
     pidfile: Path | None = None
     """chrony's ``pidfile``; None = the daemon's default under /run/ntspy."""
     user: str | None = None
@@ -473,13 +477,16 @@ IGNORED_DIRECTIVES = frozenset(
         "clientloglimit", "clockprecision", "cmdallow", "cmddeny", "cmdport",
         "cmdratelimit", "dscp", "dumpdir",
         "fallbackdrift", "hwclockfile", "hwtimestamp", "keyfile", "leapsecmode",
-        "leapseclist", "leapsectz", "lock_all", "log", "logbanner", "logchange",
-        "logdir", "mailonchange", "manual", "maxchange", "maxclockerror",
+        "leapseclist", "leapsectz", "lock_all", "logchange", "mailonchange", "manual",
+        "maxchange", "maxclockerror",
         "maxsamples", "minsamples", "noclientlog", "ptpport",
         "rtcautotrim", "rtcdevice", "rtcfile", "rtconutc",
         "rtcsync", "sched_priority", "tempcomp",
     }
 )  # fmt: skip
+
+LOG_KINDS = ("measurements", "statistics", "tracking")
+CHRONY_ONLY_LOGS = frozenset({"rawmeasurements", "refclocks", "tempcomp", "rtc", "selection"})
 
 # chrony directives whose meaning ntspy cannot honour; silently dropping them
 # would change which time is trusted or served, so they are errors.
@@ -725,6 +732,27 @@ class _Parser:
     def d_minsources(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 1)
         self.config.minsources = _int(where, args[0], "number of sources", 1, 255)
+
+    def d_logdir(self, where: _Where, args: list[str], depth: int) -> None:
+        _nargs(where, args, 1)
+        self.config.logdir = _relative(where, args[0])
+
+    def d_log(self, where: _Where, args: list[str], depth: int) -> None:
+        if not args:
+            raise where.error("which logs? (measurements, statistics, tracking)")
+        for kind in args:
+            name = kind.lower()
+            if name in LOG_KINDS:
+                if name not in self.config.log:
+                    self.config.log.append(name)
+            elif name in CHRONY_ONLY_LOGS:
+                self.config.ignored.append((where.filename, where.lineno, f"log {name}"))
+            else:
+                raise where.error(f"unknown log {_show(kind)}")
+
+    def d_logbanner(self, where: _Where, args: list[str], depth: int) -> None:
+        _nargs(where, args, 1)
+        self.config.logbanner = _int(where, args[0], "banner interval", 0, _I31_MAX)
 
     def d_pidfile(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 1)

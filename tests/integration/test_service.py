@@ -202,8 +202,10 @@ def test_serve_drops_root_and_still_serves_nts(workers: int) -> None:
             if workers > 1:
                 pids += [int(p) for p in Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}"
                                               "/children").read_text().split()]
+            # Each worker switches once its own start-up is done.
+            wait_until(lambda: all(status_field(pid, "Uid").split() == ["65534"] * 4
+                                   for pid in pids), 10.0, f"all of {pids} as nobody")
             for pid in pids:
-                assert status_field(pid, "Uid").split() == ["65534"] * 4, pid
                 assert int(status_field(pid, "CapEff"), 16) == 0, pid
             # A client gets cookies over NTS-KE and authenticated time from it.
             async def measure() -> bool:
@@ -215,7 +217,8 @@ def test_serve_drops_root_and_still_serves_nts(workers: int) -> None:
             assert asyncio.run(measure())
             assert srv.dumpdir.stat().st_uid == 65534  # key rotations still go to disk
         finally:
-            assert srv.stop() == 0
+            rc = srv.stop()
+            assert rc == 0, srv.log()[-3000:]
     finally:
         shutil.rmtree(top, ignore_errors=True)
 
@@ -305,3 +308,59 @@ def test_a_low_port_without_privilege_names_the_capability() -> None:
     shutil.rmtree(top, ignore_errors=True)
     assert out.returncode == 1, out
     assert "ports below 1024 need root or CAP_NET_BIND_SERVICE" in out.stderr, out.stderr
+
+
+CHRONY_HEADERS = {  # chrony.conf(5), "log": the banner lines scripts key on
+    "measurements": "   Date (UTC) Time     IP Address   L St 123 567 ABCD  LP RP Score    Offset"
+                    "  Peer del. Peer disp.  Root del. Root disp. Refid     MTxRx",
+    "statistics": "   Date (UTC) Time     IP Address    Std dev'n Est offset  Offset sd  Diff freq"
+                  "   Est skew  Stress  Ns  Bs  Nr  Asym",
+    "tracking": "   Date (UTC) Time     IP Address   St   Freq ppm   Skew ppm     Offset L Co"
+                "  Offset sd Rem. corr. Root delay Root disp. Max. error",
+}
+COLUMNS = {"measurements": 20, "statistics": 13, "tracking": 14}
+
+
+def test_chrony_log_files_in_logdir(server: ServerProc, tmp_path: Path) -> None:
+    logdir = tmp_path / "log"
+    logdir.mkdir()
+    client = ClientProc(tmp_path / "client", [f"server {LOOPBACK} port {server.ntp_port} {POLL}"],
+                        [f"logdir {logdir}", "log measurements statistics tracking",
+                         "logbanner 5"])
+    try:
+        client.start()
+        wait_until(lambda: client.query("tracking")["updates"] >= 8, 30.0, client.log())
+    finally:
+        client.stop()
+    for kind, header in CHRONY_HEADERS.items():
+        lines = (logdir / f"{kind}.log").read_text().splitlines()
+        assert lines[0] == "=" * len(header) and lines[1] == header, (kind, lines[:3])
+        rows = [line for line in lines if line and line[0].isdigit()]
+        assert len(rows) >= 6, (kind, lines)
+        assert lines.count(header) == -(-len(rows) // 5)  # the banner again every 5 lines
+        for row in rows:
+            fields = row.split()
+            assert len(fields) == COLUMNS[kind], (kind, row)
+            assert fields[2] == "127.0.0.1" and len(fields[0]) == 10 and len(fields[1]) == 8
+        last = rows[-1].split()
+        if kind == "measurements":
+            assert last[3] == "N" and last[5:8] == ["111", "111", "1111"]
+            assert abs(float(last[11])) < 0.01 and 0 < float(last[12]) < 0.1  # offset, delay
+            # the server's reference id (local stratum 1: 127.127.1.1); kernel RX timestamp
+            assert last[16] == "7F7F0101" and last[19] == "K"
+        if kind == "tracking":
+            assert abs(float(last[6])) < 0.01 and last[7] == "N"
+
+
+def test_a_log_file_that_cannot_be_written_is_reported_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from ntspy.client.logfiles import ChronyLogs
+    logs = ChronyLogs(Path("/dev"), ["tracking"])
+    logs._files["tracking"]._path = Path("/dev/full")  # every write: no space left on device
+    for _ in range(3):
+        logs.tracking(0.0, "127.0.0.1", stratum=2, freq_ppm=0.0, skew_ppm=0.0, offset=0.0,
+                      leap=0, combined=1, offset_sd=0.0, remaining=0.0, root_delay=0.0,
+                      root_dispersion=0.0, max_error=0.0)
+    errors = [r for r in caplog.records if "cannot write /dev/full" in r.getMessage()]
+    assert len(errors) == 1
+    logs.close()

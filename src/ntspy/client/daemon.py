@@ -31,6 +31,8 @@ from ..sync.engine import Decision, SyncEngine
 from ..sync.filter import UNKNOWN_SKEW_PPM
 from ..sync.sanity import SampleLimits
 from ..sync.select import AuthSelectMode, SelectConfig, Selection, SourceState
+from .logfiles import ChronyLogs
+from .session import Measurement
 from .source import Source, exchange_of
 
 log = logging.getLogger("ntspy.client")
@@ -112,6 +114,7 @@ class ClientDaemon:
         )
         self.engine = SyncEngine(discipline, self.select_config,
                                  SampleLimits(max_distance=config.maxdistance))
+        self.logs = ChronyLogs(config.logdir, config.log, config.logbanner)
         self.loop_errors = 0
         """Poll rounds that raised, and tasks restarted (each is a bug)."""
         self._logged_reference: str | None = None
@@ -287,6 +290,7 @@ class ClientDaemon:
                 log.error("cannot end the clock's slew: %s", exc)
         for src in list(self.sources):
             await self._remove(src)
+        self.logs.close()
         self._save_drift()
         self._save_time()
 
@@ -348,7 +352,26 @@ class ClientDaemon:
         if decision.rejected is not None:
             src.last_error = f"sample rejected: {decision.rejected}"
             log.info("%s: sample rejected: %s", src.name, decision.rejected)
+        else:
+            self._log_sample(src, measurement, now)
         self._carry_out(decision, now)
+
+    def _log_sample(self, src: Source, m: Measurement, now: int) -> None:
+        """``log measurements statistics``: chrony's lines for a valid sample."""
+        wall = self.clock.now_ns() / 1e9
+        self.logs.measurement(
+            wall, src.address, leap=m.leap, stratum=m.stratum, local_poll=src.poll,
+            remote_poll=m.poll, score=src.machine.poll_score, offset=m.offset, delay=m.delay,
+            dispersion=src.stats.last_sample.dispersion if src.stats.last_sample else 0.0,
+            root_delay=m.root_delay, root_dispersion=m.root_dispersion,
+            refid=_refid_number(m.reference_id), rx_kernel=m.kernel_rx_timestamp)
+        st = src.stats
+        skew = st.skew_ppm * 1e-6
+        self.logs.statistics(
+            wall, src.address, std_dev=st.std_dev, est_offset=st.offset_at(now),
+            offset_sd=st.offset_error_at(now), diff_freq=st.frequency_ppm * 1e-6,
+            est_skew=skew, stress=abs(st.frequency_ppm * 1e-6) / skew if skew else 0.0,
+            samples=st.np, best_start=0, runs=st.nr, asymmetry=st.asymmetry)
 
     async def _resolve(self, src: Source) -> bool:
         """Resolve a named server's address (without threads); False to retry later."""
@@ -398,6 +421,17 @@ class ClientDaemon:
         self._schedule_clock_maintenance()
         tracking = self.tracking()
         self._tell_kernel(tracking)
+        selection = decision.selection
+        ref = self._by_key(tracking.reference) if tracking.reference else None
+        self.logs.tracking(
+            self.clock.now_ns() / 1e9, ref.address if ref else "0.0.0.0",
+            stratum=tracking.stratum, freq_ppm=-tracking.frequency_ppm,
+            skew_ppm=tracking.skew_ppm, offset=-tracking.last_offset, leap=int(tracking.leap),
+            combined=len(selection.combined) if selection else 0,
+            offset_sd=selection.offset_sd if selection else 0.0,
+            remaining=self.clock.pending_slew_s(), root_delay=tracking.root_delay,
+            root_dispersion=tracking.root_dispersion,
+            max_error=tracking.root_delay / 2 + tracking.root_dispersion)
         for callback in self.on_update:
             callback(decision.selection, tracking)
 
@@ -634,6 +668,16 @@ class ClientDaemon:
         return (int(t.leap) if t.leap != Leap.UNSYNCHRONIZED else 0, t.stratum, t.root_delay,
                 t.root_dispersion, refid,
                 unix_ns_to_ntp(t.ref_time_ns) if t.ref_time_ns else 0)
+
+
+def _refid_number(text: str) -> int:
+    """A reference id as ``Measurement`` shows it (dotted quad or ASCII) back as 32 bits."""
+    import ipaddress
+
+    try:
+        return int(ipaddress.IPv4Address(text))
+    except ValueError:
+        return int.from_bytes(text.encode("ascii", "replace")[:4].ljust(4, b"\0"), "big")
 
 
 def _refid_for(address: str) -> bytes:

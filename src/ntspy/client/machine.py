@@ -135,6 +135,11 @@ class SourceMachine:
         """``rekey``: the next poll does NTS-KE without waiting for a back-off."""
         self.ke.retry_at = 0.0
 
+    @property
+    def poll_score(self) -> float:
+        """How far the interval is on its way to the next step (chrony's Score)."""
+        return self._score.score
+
     # -- when ------------------------------------------------------------------
 
     def interval(self) -> float:

@@ -176,7 +176,7 @@ def _drop_privileges(config: Config, keep_sys_time: bool) -> None:
     if not config.user:
         return
     account = lookup(config.user)
-    own = [p for p in (config.ntsdumpdir,) if p is not None]
+    own = [p for p in (config.ntsdumpdir, config.logdir) if p is not None]
     for path in hand_over(own, account):
         log.debug("%s now belongs to %s", path, account.pw_name)
     drop_to(account, keep_sys_time)

@@ -49,6 +49,11 @@ class PollScore:
     def __init__(self) -> None:
         self._score = 0.0
 
+    @property
+    def score(self) -> float:
+        """Advice saved up so far, in poll exponents."""
+        return self._score
+
     def step(self, advice: float, poll: int, minpoll: int, maxpoll: int) -> int:
         """The new poll exponent after ``advice`` (kept within minpoll..maxpoll)."""
         if math.isnan(advice):

@@ -436,6 +436,13 @@ class SourceStats:
     # -- what sourcestats shows -----------------------------------------------
 
     @property
+    def asymmetry(self) -> float:
+        """Share of excess delay taken out of the offsets (0 while not clearly asymmetric)."""
+        if not abs(self._asym) > ASYMMETRY_GATE * self._asym_error:
+            return 0.0
+        return max(-MAX_ASYMMETRY, min(MAX_ASYMMETRY, self._asym))
+
+    @property
     def maxsamples(self) -> int:
         """Bound on the samples kept."""
         return self._maxsamples
