@@ -531,6 +531,11 @@ class _Parser:
 
     def finish(self) -> None:
         """Checks that need the whole file."""
+        names = {name: (f, n) for f, n, name in self.config.ignored}
+        if "rtcsync" in names and "rtcfile" in names:
+            filename, lineno = names["rtcfile"]
+            # chronyd refuses the pair: two owners of the RTC.
+            raise ConfigError("rtcfile: cannot be used together with rtcsync", filename, lineno)
         if len(self.keys) != len(self.certs):
             extra, directive, other = (
                 (self.keys[len(self.certs)], "ntsserverkey", "ntsservercert")

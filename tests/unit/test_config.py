@@ -614,3 +614,8 @@ def test_sources_files_only_hold_sources(tmp_path: Path) -> None:
         load_sources_dir(tmp_path)
     assert info.value.lineno == 2
     assert "only server and pool lines" in info.value.reason
+
+
+def test_rtcsync_with_rtcfile_is_refused_as_chronyd_does() -> None:
+    with pytest.raises(ConfigError, match=r"<config>:2: rtcfile: cannot be used together"):
+        parse_config("rtcsync\nrtcfile /var/lib/chrony/rtc\n")
