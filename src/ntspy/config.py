@@ -158,6 +158,8 @@ class Config:
     maxslewrate: float = 83333.333
     maxdrift: float = 500000.0
     bindcmdaddress: list[str] = field(default_factory=list)
+    rtcsync: bool = False
+    """chrony's ``rtcsync``: clear STA_UNSYNC when synchronised (kernel 11-minute mode)."""
     logdir: Path | None = None
     log: list[str] = field(default_factory=list)
     """chrony's ``log`` kinds ntspy writes (measurements, statistics, tracking)."""
@@ -481,7 +483,7 @@ IGNORED_DIRECTIVES = frozenset(
         "maxchange", "maxclockerror",
         "maxsamples", "minsamples", "noclientlog", "ptpport",
         "rtcautotrim", "rtcdevice", "rtcfile", "rtconutc",
-        "rtcsync", "sched_priority", "tempcomp",
+        "sched_priority", "tempcomp",
     }
 )  # fmt: skip
 
@@ -532,7 +534,7 @@ class _Parser:
     def finish(self) -> None:
         """Checks that need the whole file."""
         names = {name: (f, n) for f, n, name in self.config.ignored}
-        if "rtcsync" in names and "rtcfile" in names:
+        if self.config.rtcsync and "rtcfile" in names:
             filename, lineno = names["rtcfile"]
             # chronyd refuses the pair: two owners of the RTC.
             raise ConfigError("rtcfile: cannot be used together with rtcsync", filename, lineno)
@@ -737,6 +739,10 @@ class _Parser:
     def d_minsources(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 1)
         self.config.minsources = _int(where, args[0], "number of sources", 1, 255)
+
+    def d_rtcsync(self, where: _Where, args: list[str], depth: int) -> None:
+        _nargs(where, args, 0)
+        self.config.rtcsync = True
 
     def d_logdir(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 1)

@@ -349,3 +349,46 @@ async def test_rate_kiss_doubles_the_poll_interval_even_past_maxpoll() -> None:
     src.session.measure = deny  # type: ignore[method-assign]
     assert await src.poll_once(0.0) is None
     assert src.poll == 5 and src.reach.value == 0
+
+
+class KernelClock(VirtualClock):
+    """Records what the daemon tells the kernel about synchronisation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sync_calls: list[tuple[bool, float, float]] = []
+
+    def next_maintenance_s(self) -> float | None:
+        return None
+
+    def maintain(self) -> None:
+        pass
+
+    def finish(self) -> float:
+        return 0.0
+
+    def set_sync_status(self, synchronised: bool, max_error_s: float,
+                        est_error_s: float) -> None:
+        self.sync_calls.append((synchronised, max_error_s, est_error_s))
+
+
+@pytest.mark.parametrize("rtcsync", [False, True])
+async def test_kernel_told_its_error_and_unsync_cleared_only_with_rtcsync(
+        tmp_path: Path, rtcsync: bool) -> None:
+    clock = KernelClock()
+    lines = ["server 127.0.0.1 minpoll 0 maxpoll 0", *(["rtcsync"] if rtcsync else [])]
+    daemon = ClientDaemon(config(tmp_path, *lines), clock)
+    daemon.sources = await daemon._make_sources(daemon.configured_sources())
+    (src,) = daemon.sources
+
+    async def good() -> Measurement:
+        return measurement(offset=0.0001, t4=clock.now)
+
+    src.session.measure = good  # type: ignore[method-assign]
+    for _ in range(4):
+        clock.now += 10**9
+        await daemon._poll_round(src)
+    assert daemon.clock_updates >= 1 and len(clock.sync_calls) == daemon.clock_updates
+    synchronised, max_error, est_error = clock.sync_calls[-1]
+    assert synchronised is rtcsync  # chronyd leaves STA_UNSYNC set without rtcsync
+    assert 0 < max_error < 1.0 and 0 <= est_error < 1.0

@@ -461,11 +461,17 @@ class ClientDaemon:
         self._schedule_clock_maintenance()
 
     def _tell_kernel(self, tracking: Tracking) -> None:
-        """Synchronised: the kernel's error estimates, as chronyd keeps them."""
+        """Synchronised: the kernel's error estimates, as chronyd keeps them.
+
+        maxerror/esterror always (``adjtimex`` readers such as systemd judge by
+        maxerror); STA_UNSYNC is cleared only with ``rtcsync``, which is what turns
+        on the kernel's 11-minute copy of the system time to the RTC (chronyd's rule).
+        """
         if not isinstance(self.clock, SlewingClock):
             return
         try:
-            self.clock.set_sync_status(True, tracking.root_delay / 2 + tracking.root_dispersion,
+            self.clock.set_sync_status(self.config.rtcsync,
+                                       tracking.root_delay / 2 + tracking.root_dispersion,
                                        tracking.rms_offset)
         except OSError as exc:
             log.error("cannot update the kernel's synchronisation status: %s", exc)
