@@ -158,6 +158,8 @@ class Config:
     maxslewrate: float = 83333.333
     maxdrift: float = 500000.0
     bindcmdaddress: list[str] = field(default_factory=list)
+    maxchange: tuple[float, int, int] | None = None
+    """chrony's ``maxchange offset start ignore``."""
     rtcsync: bool = False
     """chrony's ``rtcsync``: clear STA_UNSYNC when synchronised (kernel 11-minute mode)."""
     logdir: Path | None = None
@@ -480,7 +482,7 @@ IGNORED_DIRECTIVES = frozenset(
         "cmdratelimit", "dscp", "dumpdir",
         "fallbackdrift", "hwclockfile", "hwtimestamp", "keyfile", "leapsecmode",
         "leapseclist", "leapsectz", "lock_all", "logchange", "mailonchange", "manual",
-        "maxchange", "maxclockerror",
+        "maxclockerror",
         "maxsamples", "minsamples", "noclientlog", "ptpport",
         "rtcautotrim", "rtcdevice", "rtcfile", "rtconutc",
         "sched_priority", "tempcomp",
@@ -739,6 +741,14 @@ class _Parser:
     def d_minsources(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 1)
         self.config.minsources = _int(where, args[0], "number of sources", 1, 255)
+
+    def d_maxchange(self, where: _Where, args: list[str], depth: int) -> None:
+        _nargs(where, args, 3)
+        self.config.maxchange = (
+            _float(where, args[0], "offset", 0.0),
+            _int(where, args[1], "start", 0, _I31_MAX),
+            max(-1, _int(where, args[2], "ignore", -_I31_MAX, _I31_MAX)),  # negative: never exit
+        )
 
     def d_rtcsync(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 0)

@@ -133,3 +133,30 @@ def test_drift_file_garbage_is_rejected(text: str) -> None:
 def test_format_drift_refuses_non_finite() -> None:
     with pytest.raises(ValueError):
         format_drift(float("nan"), 0.1)
+
+
+def test_maxchange_ignores_large_offsets_after_start_then_gives_up() -> None:
+    from ntspy.sync.discipline import MaxChangeExceeded
+    # chrony.conf(5)'s example: after the first update, ignore two adjustments
+    # larger than 1000 s and give up on the next one.
+    d = Discipline(maxchange=(1000.0, 1, 2))
+    assert d.update(T0, synced(5000.0)) is not None  # the first update may be anything
+    assert d.update(T0 + 16 * S, synced(0.5)) is not None  # within the limit
+    for i in range(2):
+        assert d.update(T0 + (32 + 16 * i) * S, synced(-2000.0)) is None
+        assert d.refused is not None and "exceeds the allowed maximum" in d.refused
+    with pytest.raises(MaxChangeExceeded, match="giving up"):
+        d.update(T0 + 80 * S, synced(-2000.0))
+    forever = Discipline(maxchange=(1.0, 0, -1))
+    for i in range(10):
+        assert forever.update(T0 + i * S, synced(10.0)) is None  # never gives up
+
+
+def test_engine_turns_maxchange_exceeded_into_a_fatal_decision() -> None:
+    from ntspy.sync.engine import Exchange, SyncEngine
+    engine = SyncEngine(Discipline(maxchange=(0.5, 0, 0)))
+    engine.add_source("a")
+    t = T0
+    decision = engine.sample("a", t, Exchange(t1=t - 2000, t2=t + 2 * S, t3=t + 2 * S, t4=t))
+    assert decision.action is None and decision.fatal is not None
+    assert "maxchange" in decision.fatal

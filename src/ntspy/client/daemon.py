@@ -100,6 +100,7 @@ class ClientDaemon:
             corr_time_ratio=config.corrtimeratio,
             max_update_skew=config.maxupdateskew,
             max_drift_ppm=config.maxdrift,
+            maxchange=config.maxchange,
         )
         if drift and clock.can_control:
             clock.set_frequency(drift[0])
@@ -115,6 +116,9 @@ class ClientDaemon:
         self.engine = SyncEngine(discipline, self.select_config,
                                  SampleLimits(max_distance=config.maxdistance))
         self.logs = ChronyLogs(config.logdir, config.log, config.logbanner)
+        self.failed = asyncio.Event()
+        """Set when the daemon must stop (``maxchange``); :attr:`fatal` says why."""
+        self.fatal: str | None = None
         self.loop_errors = 0
         """Poll rounds that raised, and tasks restarted (each is a bug)."""
         self._logged_reference: str | None = None
@@ -393,6 +397,13 @@ class ClientDaemon:
         action = decision.action
         if decision.selection is not None:
             self._note_selection(decision.selection)
+        if decision.refused is not None:
+            log.warning("%s", decision.refused[0].upper() + decision.refused[1:])
+        if decision.fatal is not None:
+            log.critical("Fatal error: %s", decision.fatal)
+            self.fatal = decision.fatal
+            self.failed.set()
+            return
         if action is None:
             return
         # chrony's sign: positive = the system clock is ahead.

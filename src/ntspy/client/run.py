@@ -222,7 +222,11 @@ async def _serve(config: Config, clock: ClockControl, options: ClientOptions) ->
     loop.add_signal_handler(signal.SIGHUP, _on_sighup, client, server)
     notify("READY=1", f"STATUS=polling {len(client.sources)} sources",
            f"MAINPID={os.getpid()}")
-    await stop.wait()
+    stopped = asyncio.create_task(stop.wait())
+    failed = asyncio.create_task(client.failed.wait())
+    await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (stopped, failed):
+        task.cancel()
     notify("STOPPING=1")
     log.info("shutting down")
     await control.close()
@@ -230,7 +234,7 @@ async def _serve(config: Config, clock: ClockControl, options: ClientOptions) ->
     if server is not None:
         await server.stop()
     sockets.close()
-    return 0
+    return 1 if client.fatal else 0
 
 
 def _on_sighup(client: ClientDaemon, server: ServerDaemon | None) -> None:

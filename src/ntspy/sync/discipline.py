@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from ntspy.errors import StateFileError
+from ntspy.errors import NtsError, StateFileError
 from ntspy.proto.ntp import Leap
 from ntspy.sync.filter import UNKNOWN_SKEW_PPM
 from ntspy.sync.select import Selection
@@ -61,6 +61,10 @@ class ClockAction:
     def offset_correction_s(self) -> float:
         """Total phase correction of the disciplined timescale, seconds."""
         return (self.step_s or 0.0) + self.slew_offset_s
+
+
+class MaxChangeExceeded(NtsError):
+    """An offset beyond ``maxchange`` came more often than it may be ignored."""
 
 
 class DisciplinedClock(Protocol):
@@ -144,9 +148,14 @@ class Discipline:
         corr_time_ratio: float = DEFAULT_CORR_TIME_RATIO,
         max_update_skew: float = DEFAULT_MAX_UPDATE_SKEW,
         max_drift_ppm: float = MAX_DRIFT_PPM,
+        maxchange: tuple[float, int, int] | None = None,
     ) -> None:
         """``frequency_ppm``/``skew_ppm`` usually come from the drift file."""
         self.makestep = makestep
+        self.maxchange = maxchange
+        self._changes_refused = 0
+        self.refused: str | None = None
+        """Why the last update was refused by ``maxchange`` (None if it was not)."""
         self.max_drift_ppm = max_drift_ppm
         self.corr_time_ratio = corr_time_ratio
         self.max_update_skew = max_update_skew
@@ -186,9 +195,12 @@ class Discipline:
         Returns None, leaving the clock alone, when the selection is not
         synchronised.
         """
+        self.refused = None
         if not selection.synchronised or not math.isfinite(selection.offset):
             return None
         offset = selection.offset
+        if self._beyond_maxchange(offset):
+            return None
         if self._last_update_ns is not None:
             self._interval = max(0.0, (now_ns - self._last_update_ns) * _NS)
         self._last_update_ns = now_ns
@@ -233,6 +245,24 @@ class Discipline:
             correction_rate=self._correction_rate(selection.offset_sd),
             frequency_change_ppm=dfreq,
         )
+
+    def _beyond_maxchange(self, offset: float) -> bool:
+        """chrony's ``maxchange offset start ignore``: after ``start`` updates, an
+        offset over ``offset`` is refused ``ignore`` times (-1: always), then the
+        daemon must give up (:class:`MaxChangeExceeded`)."""
+        if self.maxchange is None:
+            return False
+        limit, start, ignore = self.maxchange
+        if self.updates < start or abs(offset) <= limit:
+            return False
+        if 0 <= ignore <= self._changes_refused:
+            raise MaxChangeExceeded(
+                f"adjustment of {-offset:.3f} seconds exceeds the allowed maximum of "
+                f"{limit:.3f} seconds (maxchange): giving up")
+        self._changes_refused += 1
+        self.refused = (f"adjustment of {-offset:.3f} seconds exceeds the allowed maximum "
+                        f"of {limit:.3f} seconds (ignored)")
+        return True
 
     def _correction_rate(self, offset_sd: float) -> float:
         """chrony's correction rate for this update (0 when it cannot be known)."""

@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ntspy.proto.ntp import Leap
-from ntspy.sync.discipline import ClockAction, Discipline, Tracking
+from ntspy.sync.discipline import ClockAction, Discipline, MaxChangeExceeded, Tracking
 from ntspy.sync.filter import PHI, ReachRegister, Sample, SourceStats
 from ntspy.sync.sanity import SampleLimits, SampleReject, check_exchange
 from ntspy.sync.select import SelectConfig, Selection, candidate_from_stats, select_sources
@@ -147,6 +147,10 @@ class Decision:
     """Kernel leap state to arm with the action (1 insert, 2 delete, 0 none); None = as is."""
     rejected: SampleReject | None = None
     """Why the sample was dropped, if it was."""
+    refused: str | None = None
+    """Why an update was refused (``maxchange``), to be logged."""
+    fatal: str | None = None
+    """Why the daemon must give up (``maxchange`` exceeded too often)."""
     poll_advice: float = 0.0
     """How the source's polling interval should move, in poll exponents: a
     fraction per sample, positive while its regression holds at least
@@ -288,7 +292,12 @@ class SyncEngine:
             return decision
         if self._waiting_for_others(fresh):
             return decision
-        action = self.discipline.update(now_ns, selection)
+        try:
+            action = self.discipline.update(now_ns, selection)
+        except MaxChangeExceeded as exc:
+            decision.fatal = str(exc)
+            return decision
+        decision.refused = self.discipline.refused
         if action is None:
             return decision
         decision.action = action
