@@ -9,9 +9,9 @@ if [ "$(id -u)" = 0 ]; then
     apt-get update -q
     # chrony: interop peer (NTS server and client); faketime: a peer with a wrong clock;
     # iproute2/util-linux: network namespaces and setpriv; systemd: systemd-analyze verify
-    # of contrib/systemd; gcc, python3-dev, libssl-dev:
+    # of contrib/systemd; tzdata: right/UTC for leapsectz; gcc, python3-dev, libssl-dev:
     # build the optional AES-SIV accelerator ntspy._accel (tests/unit/test_accel.py).
-    apt-get install -y -q --no-install-recommends chrony faketime iproute2 util-linux systemd \
+    apt-get install -y -q --no-install-recommends chrony faketime iproute2 util-linux systemd tzdata \
         ca-certificates python3-venv gcc python3-dev libssl-dev
     # A chrony package may start a system chronyd; ours never touch it (own ports, own files).
     NTSPY_NTPSEC_DIR=${NTSPY_NTPSEC_DIR:-/opt/ntspy-peers/ntpsec}

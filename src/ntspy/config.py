@@ -160,6 +160,8 @@ class Config:
     bindcmdaddress: list[str] = field(default_factory=list)
     maxchange: tuple[float, int, int] | None = None
     """chrony's ``maxchange offset start ignore``."""
+    leapsectz: str | None = None
+    """chrony's ``leapsectz``: a tz zone counting leap seconds (``right/UTC``)."""
     rtcsync: bool = False
     """chrony's ``rtcsync``: clear STA_UNSYNC when synchronised (kernel 11-minute mode)."""
     logdir: Path | None = None
@@ -481,7 +483,7 @@ IGNORED_DIRECTIVES = frozenset(
         "clientloglimit", "clockprecision", "cmdallow", "cmddeny", "cmdport",
         "cmdratelimit", "dscp", "dumpdir",
         "fallbackdrift", "hwclockfile", "hwtimestamp", "keyfile", "leapsecmode",
-        "leapseclist", "leapsectz", "lock_all", "logchange", "mailonchange", "manual",
+        "leapseclist", "lock_all", "logchange", "mailonchange", "manual",
         "maxclockerror",
         "maxsamples", "minsamples", "noclientlog", "ptpport",
         "rtcautotrim", "rtcdevice", "rtcfile", "rtconutc",
@@ -749,6 +751,10 @@ class _Parser:
             _int(where, args[1], "start", 0, _I31_MAX),
             max(-1, _int(where, args[2], "ignore", -_I31_MAX, _I31_MAX)),  # negative: never exit
         )
+
+    def d_leapsectz(self, where: _Where, args: list[str], depth: int) -> None:
+        _nargs(where, args, 1)
+        self.config.leapsectz = args[0]
 
     def d_rtcsync(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 0)

@@ -22,6 +22,7 @@ from typing import Any
 from ..clock import ClockControl, SlewingClock
 from ..config import Config, SourceConfig, load_sources_dir
 from ..errors import ConfigError, NtsError, StateFileError
+from ..leapsec import leap_at_end_of_day, zone_knows_leap_seconds
 from ..net.dns import TYPE_A, TYPE_AAAA, Resolver
 from ..net.tls import TrustConfig
 from ..proto.ntp import Leap, unix_ns_to_ntp
@@ -116,6 +117,13 @@ class ClientDaemon:
         self.engine = SyncEngine(discipline, self.select_config,
                                  SampleLimits(max_distance=config.maxdistance))
         self.logs = ChronyLogs(config.logdir, config.log, config.logbanner)
+        self._leap_zone: str | None = None
+        self._leap_day = -1
+        if config.leapsectz is not None:
+            if zone_knows_leap_seconds(config.leapsectz):
+                self._leap_zone = config.leapsectz
+            else:  # chronyd's check: the zone must know the leap second of 2016
+                log.warning("Timezone %s failed leap second check, ignoring", config.leapsectz)
         self.failed = asyncio.Event()
         """Set when the daemon must stop (``maxchange``); :attr:`fatal` says why."""
         self.fatal: str | None = None
@@ -345,6 +353,7 @@ class ClientDaemon:
         if measurement is None:
             self.engine.poll_failed(src.key, now)
             return
+        self._update_tz_leap()
         decision = self.engine.sample(src.key, now, exchange_of(measurement),
                                       self.clock.pending_slew_s())
         src.adjust_poll(decision.poll_advice)
@@ -359,6 +368,18 @@ class ClientDaemon:
         else:
             self._log_sample(src, measurement, now)
         self._carry_out(decision, now)
+
+    def _update_tz_leap(self) -> None:
+        """``leapsectz``: once per UTC day, whether it ends with a leap second."""
+        if self._leap_zone is None:
+            return
+        day = self.clock.now_ns() // (86400 * 10**9)
+        if day != self._leap_day:
+            self._leap_day = day
+            self.engine.tz_leap = leap_at_end_of_day(self._leap_zone, day * 86400.0)
+            if self.engine.tz_leap:
+                log.info("%s: leap second (%s) at the end of today", self._leap_zone,
+                         "inserted" if self.engine.tz_leap == 1 else "deleted")
 
     def _log_sample(self, src: Source, m: Measurement, now: int) -> None:
         """``log measurements statistics``: chrony's lines for a valid sample."""

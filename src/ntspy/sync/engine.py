@@ -177,6 +177,9 @@ class SyncEngine:
         self.updates = 0
         """Clock updates carried out (confirmed through :meth:`applied`)."""
         self.leap_armed = 0
+        self.tz_leap: int | None = None
+        """Leap state from ``leapsectz`` for today (set by the adapter); None = the
+        selected source's leap indicator decides."""
 
     # -- sources --------------------------------------------------------------
 
@@ -301,8 +304,11 @@ class SyncEngine:
         if action is None:
             return decision
         decision.action = action
-        leap = int(selection.leap) if selection.leap in (Leap.INSERT_SECOND,
-                                                         Leap.DELETE_SECOND) else 0
+        if self.tz_leap is not None:  # leapsectz: the tz database decides
+            leap = self.tz_leap
+        else:
+            leap = int(selection.leap) if selection.leap in (Leap.INSERT_SECOND,
+                                                             Leap.DELETE_SECOND) else 0
         if leap != self.leap_armed:
             decision.leap = leap
         return decision
