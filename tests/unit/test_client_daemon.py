@@ -392,3 +392,30 @@ async def test_kernel_told_its_error_and_unsync_cleared_only_with_rtcsync(
     synchronised, max_error, est_error = clock.sync_calls[-1]
     assert synchronised is rtcsync  # chronyd leaves STA_UNSYNC set without rtcsync
     assert 0 < max_error < 1.0 and 0 <= est_error < 1.0
+
+
+async def test_a_source_going_unreachable_and_back_is_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from ntspy.errors import NtsError
+    caplog.set_level(logging.INFO)
+    clock = VirtualClock()
+    daemon = ClientDaemon(config(tmp_path, "server 127.0.0.1 minpoll 0 maxpoll 0"), clock)
+    daemon.sources = await daemon._make_sources(daemon.configured_sources())
+    (src,) = daemon.sources
+    answering = True
+
+    async def flaky() -> Measurement:
+        if not answering:
+            raise NtsError("no response")
+        return measurement(offset=0.0001, t4=clock.now)
+
+    src.session.measure = flaky  # type: ignore[method-assign]
+    for phase in (True, False, True):
+        answering = phase
+        for _ in range(8):
+            clock.now += 10**9
+            await daemon._poll_round(src)
+    assert caplog.text.count("Source 127.0.0.1 unreachable") == 1
+    assert caplog.text.count("Source 127.0.0.1 reachable again") == 1

@@ -350,9 +350,14 @@ class ClientDaemon:
         src.set_time_check(self.clock_updates >= self.config.nocerttimecheck)
         measurement = await src.poll_once(asyncio.get_running_loop().time())
         now = self.disciplined_now()
+        was_reachable = src.reach.reachable
         if measurement is None:
             self.engine.poll_failed(src.key, now)
+            if was_reachable and not src.reach.reachable:
+                log.warning("Source %s unreachable (no answer to 8 polls)", src.name)
             return
+        if not was_reachable and src.polls > 1:
+            log.info("Source %s reachable again", src.name)
         self._update_tz_leap()
         decision = self.engine.sample(src.key, now, exchange_of(measurement),
                                       self.clock.pending_slew_s())
