@@ -19,59 +19,10 @@ import pytest
 from ntspy.client.daemon import ClientDaemon
 from ntspy.client.session import Measurement
 from ntspy.client.source import Source
-from ntspy.config import Config, parse_config
+from tests.unit.test_client_daemon import FakeClock, config, measurement
 
 FAST = "minpoll -6 maxpoll -6"  # 1/64 s between polls
 NS = 1_000_000_000
-NOW = 1_800_000_000 * NS
-
-
-class FakeClock:
-    """A ClockControl that records every correction and applies none."""
-
-    can_control = True
-
-    def __init__(self) -> None:
-        self.now = NOW
-        self.steps: list[float] = []
-        self.slews: list[float] = []
-        self.frequencies: list[float] = []
-        self.leap = 0
-
-    def now_ns(self) -> int:
-        return self.now
-
-    def step(self, offset_s: float) -> None:
-        self.steps.append(offset_s)
-
-    def slew(self, offset_s: float, duration_s: float = 0.0) -> None:
-        self.slews.append(offset_s)
-
-    def set_frequency(self, ppm: float) -> None:
-        self.frequencies.append(ppm)
-
-    def pending_slew_s(self) -> float:
-        return 0.0
-
-    def set_leap(self, leap: int) -> None:
-        self.leap = leap
-
-
-def config(tmp_path: Path, *lines: str) -> Config:
-    return parse_config("\n".join([f"ntsdumpdir {tmp_path}", f"driftfile {tmp_path / 'drift'}",
-                                   *lines]) + "\n")
-
-
-def measurement(offset: float, t4: int) -> Measurement:
-    """A plain-NTP measurement whose four times carry ``offset`` (200 us round trip)."""
-    t1 = t4 - 200_000
-    t2 = t1 + 100_000 + round(offset * 1e9)
-    return Measurement(
-        server="s", address="127.0.0.1", port=123, offset=offset, delay=0.0002, stratum=1,
-        leap=0, reference_id="GPS", reference_time_ns=t4, root_delay=0.0,
-        root_dispersion=0.0, poll=0, precision=-20, version=4, authenticated=False,
-        kernel_rx_timestamp=True, t1=t1, t2=t2, t3=t2, t4=t4,
-    )
 
 
 class Escape(BaseException):

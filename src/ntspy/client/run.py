@@ -26,7 +26,13 @@ from ..net.dns import TYPE_A, TYPE_AAAA
 from ..pidfile import AlreadyRunning, PidFile
 from ..privileges import PrivilegeError, drop_to, hand_over, lookup
 from ..sdnotify import notify
-from ..server.daemon import ServerDaemon, Sockets, control_path, setup_logging
+from ..server.daemon import (
+    ServerDaemon,
+    Sockets,
+    control_path,
+    report_ignored,
+    setup_logging,
+)
 from ..server.responder import SyncState
 from ..sync.discipline import Tracking
 from ..sync.select import Selection
@@ -108,14 +114,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(_level(args), args.logfile)
     try:
         config = _config(args)
-        for filename, lineno, directive in config.ignored:
-            log.warning("%s:%d: ignoring directive %s (not supported)", filename, lineno,
-                        directive)
-        for src in config.sources:
-            if src.ignored_options:
-                log.warning("%s %s: ignoring options %s (not supported)",
-                            "pool" if src.pool else "server", src.name,
-                            ", ".join(src.ignored_options))
+        report_ignored(config)
         if args.user:
             config.user = args.user
         clock: ClockControl

@@ -319,6 +319,18 @@ class _JournalFormatter(logging.Formatter):
         return f"<{prio}>{record.name}: {super().format(record)}"
 
 
+def report_ignored(config: Config) -> None:
+    """Every accepted directive or source option that is not acted on, once, at start,
+    with the file and line it is in (an included file's own name)."""
+    for filename, lineno, directive in config.ignored:
+        log.warning("%s:%d: ignoring directive %s (not supported)", filename, lineno, directive)
+    for src in config.sources:
+        if src.ignored_options:
+            log.warning("%s %s: ignoring options %s (not supported)",
+                        "pool" if src.pool else "server", src.name,
+                        ", ".join(src.ignored_options))
+
+
 def setup_logging(level: str, logfile: Path | None = None) -> None:
     """Log to stderr (to journald when it is the journal), or to ``logfile`` (``-l``)."""
     handler: logging.Handler
@@ -346,14 +358,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         config = load_config(args.config)
-        for filename, lineno, directive in config.ignored:
-            log.warning("%s:%d: ignoring directive %s (not supported)", filename, lineno,
-                        directive)
-        for src in config.sources:
-            if src.ignored_options:
-                log.warning("%s %s: ignoring options %s (not supported)",
-                            "pool" if src.pool else "server", src.name,
-                            ", ".join(src.ignored_options))
+        report_ignored(config)
         if args.user:
             config.user = args.user
         account = lookup(config.user) if config.user else None
