@@ -193,8 +193,9 @@ def test_debian_default_loads() -> None:
     assert config.ntsdumpdir == Path("/var/lib/chrony")
     assert config.makestep == (1.0, 3)
     assert [name for _, _, name in config.ignored] == [
-        "keyfile", "leapsectz",
+        "keyfile",
     ]  # fmt: skip
+    assert config.leapsectz == "right/UTC"
     assert config.rtcsync
     assert config.logdir == Path("/var/log/chrony")
     assert config.maxupdateskew == 100.0
@@ -516,11 +517,11 @@ def test_ignored_and_newer_chrony_options_are_reported_with_lines() -> None:
 
 def test_ignored_lines_of_an_included_file_name_that_file(tmp_path: Path) -> None:
     extra = tmp_path / "extra.conf"
-    extra.write_text("# comment\nleapsectz right/UTC\n")
+    extra.write_text("# comment\nhwclockfile /etc/adjtime\n")
     main = tmp_path / "main.conf"
     main.write_text(f"keyfile /etc/chrony.keys\ninclude {extra}\n")
     config = load_config(main)
-    assert config.ignored == [(str(main), 1, "keyfile"), (str(extra), 2, "leapsectz")]
+    assert config.ignored == [(str(main), 1, "keyfile"), (str(extra), 2, "hwclockfile")]
 
 
 def test_config_object_defaults_construct() -> None:
