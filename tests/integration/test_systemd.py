@@ -58,7 +58,8 @@ def notify_listener(tmp_path: Path) -> tuple[socket.socket, Path]:
     return sock, path
 
 
-def test_ntspy_run_tells_systemd_it_is_ready(tmp_path: Path) -> None:
+@pytest.mark.parametrize("attempt", range(4))  # SIGTERM meets a poll in flight: it must end
+def test_ntspy_run_tells_systemd_it_is_ready(tmp_path: Path, attempt: int) -> None:
     server = start_ntspy_server(tmp_path / "server")
     sock, path = notify_listener(tmp_path)
     conf = tmp_path / "client.conf"

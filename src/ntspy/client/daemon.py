@@ -10,7 +10,6 @@ and the clock is only read through the Clock given.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import math
@@ -185,6 +184,9 @@ class ClientDaemon:
         """Resolve pools that are short of sources again, with back-off, and replace
         pool sources that stopped answering (as chrony does)."""
         while True:
+            current = asyncio.current_task()
+            if self._stopping or (current is not None and current.cancelling()):
+                raise asyncio.CancelledError  # see _remove: a swallowed cancellation
             await asyncio.sleep(self.options.pool_check)
             for key, state in list(self._pools.items()):
                 try:
@@ -276,10 +278,13 @@ class ClientDaemon:
 
     async def _remove(self, src: Source) -> None:
         task = self._tasks.pop(src, None)
-        if task is not None:
+        while task is not None and not task.done():
+            # Python 3.11's wait_for can swallow a cancellation that meets a
+            # finishing I/O wait: ask again until the task has really ended.
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=1.0)
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            log.error("%s: polling task ended with %r", src.name, task.exception())
         src.save_dump()
         src.session.close()
         self.sources.remove(src)
@@ -287,10 +292,9 @@ class ClientDaemon:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._pool_task is not None:
+        while self._pool_task is not None and not self._pool_task.done():
             self._pool_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pool_task
+            await asyncio.wait({self._pool_task}, timeout=1.0)
         if self._maintenance is not None:
             self._maintenance.cancel()
         if isinstance(self.clock, SlewingClock):
@@ -339,6 +343,9 @@ class ClientDaemon:
                     src.logged_errors.add(where)
                     log.exception("%s: poll round failed (round skipped, polling goes on)",
                                   src.name)
+            current = asyncio.current_task()
+            if self._stopping or (current is not None and current.cancelling()):
+                raise asyncio.CancelledError  # a cancellation swallowed on the way
             await asyncio.sleep(src.interval())
 
     async def _poll_round(self, src: Source) -> None:
