@@ -165,3 +165,25 @@ async def test_an_unreachable_pool_source_is_replaced() -> None:
     finally:
         await daemon.stop()
         transport.close()
+
+
+@pytest.mark.parametrize(("flag", "expected"), [
+    ("-4", ["127.0.0.2", "127.0.0.3"]), ("-6", ["::1"]), (None, ["127.0.0.2", "127.0.0.3", "::1"]),
+])
+async def test_ipv4_or_ipv6_only_like_chronyd(flag: str | None, expected: list[str]) -> None:
+    import argparse
+
+    from ntspy.client.run import add_arguments, families
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([flag, "-x"] if flag else ["-x"])
+    transport, port = await start_server()
+    try:
+        resolver = Resolver(ResolverConfig([("127.0.0.1", port)], timeout=1.0))
+        config = parse_config("pool pool.example maxsources 4\n")
+        daemon = ClientDaemon(config, MeasureOnlyClock(),
+                              ClientOptions(resolver=resolver, families=families(args)))
+        sources = await daemon._make_sources(daemon.configured_sources())
+        assert [s.address for s in sources] == expected
+    finally:
+        transport.close()

@@ -91,6 +91,11 @@ def serves_time(config: Config) -> bool:
     return any(rule.allow for rule in config.access) or bool(config.ntsservercert)
 
 
+def families(args: argparse.Namespace) -> tuple[int, ...]:
+    """The DNS record types names are resolved to: chronyd's -4 and -6."""
+    return (TYPE_A,) if args.ipv4 else (TYPE_AAAA,) if args.ipv6 else (TYPE_A, TYPE_AAAA)
+
+
 def _level(args: argparse.Namespace) -> str:
     if args.level is not None:
         return _CHRONY_LEVELS[args.level]
@@ -129,8 +134,7 @@ def run(args: argparse.Namespace) -> int:
                       "CAP_SYS_TIME, or with -x to only measure it", file=sys.stderr)
                 return 1
             clock = system
-        families = (TYPE_A,) if args.ipv4 else (TYPE_AAAA,) if args.ipv6 else (TYPE_A, TYPE_AAAA)
-        options = ClientOptions(restore_time=args.restore_time, families=families)
+        options = ClientOptions(restore_time=args.restore_time, families=families(args))
         if args.set_once or args.measure_once:
             if args.set_once:
                 config.makestep = (0.0, 1)  # the one update steps, whatever its size
