@@ -24,6 +24,7 @@ from .proto.ntp import NTP_PORT
 __all__ = ["Measurement", "NtsSession", "PlainSession", "query", "query_async"]
 
 SAMPLE_INTERVAL = 0.25
+QUERY_MAX_KEY_EXCHANGES = 2
 """Seconds between samples of one query: quick, yet not a burst servers rate-limit."""
 
 
@@ -45,7 +46,9 @@ def make_session(
         extra=[Path(p) for p in ca],
         no_cert_time_check=no_cert_time_check,
     )
-    return NtsSession(host, ke_port, trust=trust, ntp_port=port, timeout=timeout)
+    # One query never runs more than two NTS-KE sessions, whatever NAKs come.
+    return NtsSession(host, ke_port, trust=trust, ntp_port=port, timeout=timeout,
+                      max_key_exchanges=QUERY_MAX_KEY_EXCHANGES)
 
 
 def best(samples: Iterable[Measurement]) -> Measurement:

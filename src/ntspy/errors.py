@@ -57,6 +57,10 @@ class KeServerError(KeError):
         self.code = code
 
 
+class NakBackoff(KeError):
+    """NAKs keep coming without an authenticated response: no new NTS-KE for now."""
+
+
 class KeConnectionError(KeError):
     """The KE server could not be reached (refused, timed out, closed early)."""
 

@@ -22,7 +22,7 @@ import pytest
 from ntspy.certs import CertPaths, make_test_pki
 from ntspy.client.session import Measurement, NtsSession
 from ntspy.demo import loopback_server
-from ntspy.errors import KeConnectionError, KeError, NtsError, NtsNakReceived
+from ntspy.errors import KeConnectionError, KeError, NakBackoff, NtsError
 from ntspy.net.tls import TrustConfig
 from ntspy.proto import nts
 from ntspy.proto.aead import Aead, AeadId
@@ -327,8 +327,8 @@ async def test_forged_kiss_without_our_unique_id_is_ignored(mitm: Mitm, code: by
 
 
 async def test_forged_nak_with_our_unique_id_makes_the_client_redo_ke(mitm: Mitm) -> None:
-    """RFC 8915 s5.7 lets a NAK through unauthenticated; the client answers it with a
-    fresh NTS-KE, and stays on NTS."""
+    """RFC 8915 s5.7 lets a NAK through unauthenticated; once the keys have proven
+    good, the client answers one with a fresh NTS-KE, and stays on NTS."""
     proxy = mitm.udp
     forged: list[bytes] = []
 
@@ -338,8 +338,9 @@ async def test_forged_nak_with_our_unique_id_makes_the_client_redo_ke(mitm: Mitm
         forged.append(kiss(request, KISS_NTS_NAK, None))
         return forged
 
-    proxy.forge = once
     with mitm.session() as session:
+        assert (await session.measure()).authenticated
+        proxy.forge = once
         m = await session.measure()
         assert m.authenticated
         assert session.stats["naks"] == 1
@@ -351,9 +352,10 @@ async def test_forged_nak_with_our_unique_id_makes_the_client_redo_ke(mitm: Mitm
 async def test_forged_nak_on_every_request_fails_without_falling_back(mitm: Mitm) -> None:
     proxy = mitm.udp
     proxy.forge = lambda request: [kiss(request, KISS_NTS_NAK, None)]
-    with mitm.session() as session, pytest.raises(NtsNakReceived):
+    with mitm.session() as session, pytest.raises(NakBackoff):
         await session.measure()
     assert session.stats["accepted"] == 0
+    assert session.stats["key exchanges"] == 1  # a NAK storm buys no second NTS-KE
     assert_all_nts(proxy)
 
 

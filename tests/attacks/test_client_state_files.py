@@ -112,3 +112,45 @@ async def test_directory_in_place_of_the_time_file(tmp_path: Path) -> None:
     assert (tmp_path / TIME_FILE).exists() is False
     await daemon.stop()
     assert int((tmp_path / TIME_FILE).read_text()) > 0
+
+
+async def test_no_cookie_goes_out_twice_across_crashes(tmp_path: Path) -> None:
+    """kill -9 after any poll: the restarted client never re-sends a cookie an
+    observer has seen (RFC 8915 s6: it would link the client across restarts)."""
+    from ntspy.net.udp import UdpServer
+    from tests.unit.test_session import FakeNtsServer, session_for
+
+    fake = FakeNtsServer()
+    fake.udp = await UdpServer.bind("127.0.0.1", 0, fake.handle)
+    try:
+        cfg = parse_config("server fake.example nts ntsport 4460\n").sources[0]
+        for run in range(6):  # each run ends in a "crash": no save at stop
+            src = Source(cfg, MeasureOnlyClock(), dumpdir=tmp_path)
+            session, _ = session_for(fake)
+            session.on_cookie_spent = src.save_dump
+            src.session = session
+            restored = src.load_dump(0.0)
+            assert restored == (run > 0)  # after the first run, no new NTS-KE needed
+            with session:
+                for _ in range(3):
+                    await session.measure()
+        seen = fake.cookies_seen
+        assert len(seen) == 18 and len(set(seen)) == len(seen), "a cookie went out twice"
+    finally:
+        fake.udp.close()
+
+
+async def test_a_full_disk_costs_a_log_line_not_a_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    caplog.set_level(logging.INFO)
+    src = nts_source(tmp_path)
+    give_cookies(src)
+    src.dump_path = Path("/dev/full/nts")  # every write fails
+    for _ in range(3):
+        src.save_dump()  # never raises
+    errors = [r for r in caplog.records if "cannot save NTS cookies" in r.getMessage()]
+    assert len(errors) == 1  # said once, retried at every change
+    src.dump_path = tmp_path / "nts"
+    src.save_dump()
+    assert src.dump_path.exists() and "saved to" in caplog.text  # and says it works again

@@ -419,3 +419,34 @@ async def test_a_source_going_unreachable_and_back_is_logged(
             await daemon._poll_round(src)
     assert caplog.text.count("Source 127.0.0.1 unreachable") == 1
     assert caplog.text.count("Source 127.0.0.1 reachable again") == 1
+
+
+async def test_forged_nak_storm_costs_a_bounded_number_of_key_exchanges() -> None:
+    # Every request answered by a forged NAK (an off-path attacker who sees our
+    # packets): the KE server must not see a connection per poll (RFC 8915 s5.7).
+    from ntspy.errors import NakBackoff
+    src = Source(source_config("server 127.0.0.1 nts minpoll -2 maxpoll -2"), FakeClock())
+    session = src.session
+    assert isinstance(session, NtsSession)
+    kes: list[float] = []
+    now = 0.0
+
+    async def ke_ok(*args: Any, **kwargs: Any) -> KeResult:
+        kes.append(now)
+        return KeResult(
+            aead_id=15, c2s=bytes(32), s2c=bytes(32), cookies=[b"c" * 100] * 8,
+            ntp_server="127.0.0.1", ntp_port=123, ke_host="127.0.0.1", ke_port=4460,
+            ke_address="127.0.0.1", tls_version="TLSv1.3", cert_subject="CN=x",
+            cert_not_after=None)
+
+    async def nak_storm() -> Measurement:
+        session.cookies.clear()
+        raise NakBackoff("NTS NAK before any authenticated response since the last NTS-KE")
+
+    session._key_exchange = ke_ok
+    session.measure = nak_storm  # type: ignore[method-assign]
+    while now < 600.0:  # ten minutes of polls every 0.25 s: 2400 polls
+        await src.poll_once(now)
+        now += src.interval()
+    assert len(kes) <= 6, kes  # 16 s, 32 s, 64 s, ... apart, not 2400
+    assert all(b - a >= 16.0 for a, b in zip(kes, kes[1:]))

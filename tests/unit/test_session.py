@@ -10,7 +10,7 @@ import pytest
 
 from ntspy.client.ke import KeResult
 from ntspy.client.session import MAX_COOKIES, NtsSession, PlainSession
-from ntspy.errors import NtsError
+from ntspy.errors import KeError, NakBackoff, NtsError
 from ntspy.net.udp import UdpServer
 from ntspy.proto import nts
 from ntspy.proto.aead import Aead, AeadId
@@ -166,14 +166,59 @@ async def test_forged_copy_is_dropped_and_genuine_answer_used(fake: FakeNtsServe
 
 
 async def test_nak_drops_cookies_and_redoes_key_exchange(fake: FakeNtsServer) -> None:
-    fake.naks_left = 1
     session, ke = session_for(fake)
     with session:
+        assert (await session.measure()).authenticated  # the keys have proven good ...
+        fake.naks_left = 1  # ... then the server forgets them (a key rotation, a restart)
         m = await session.measure()
     assert m.authenticated
     assert ke.calls == 2
     assert session.stats["naks"] == 1
     assert len(session.cookies) == MAX_COOKIES
+
+
+async def test_nak_right_after_key_exchange_backs_off_instead_of_another(
+        fake: FakeNtsServer) -> None:
+    # No authenticated answer since the last NTS-KE: a second one now would only
+    # load the KE server (RFC 8915 s5.7); the caller's back-off takes over.
+    fake.naks_left = 5
+    session, ke = session_for(fake)
+    with session, pytest.raises(NakBackoff, match="backing off"):
+        await session.measure()
+    assert ke.calls == 1 and session.stats["naks"] == 1 and session.cookies == []
+
+
+async def test_a_session_can_be_bounded_in_key_exchanges(fake: FakeNtsServer) -> None:
+    session, ke = session_for(fake, cookies=1)
+    session.max_key_exchanges = 2
+    fake.new_cookies = 0  # every answer leaves the jar empty: a KE per measurement
+    with session:
+        await session.measure()
+        await session.measure()
+        with pytest.raises(KeError, match="not another"):
+            await session.measure()
+    assert ke.calls == 2
+
+
+async def test_cookie_consumption_is_reported_before_the_packet_leaves(
+        fake: FakeNtsServer) -> None:
+    session, _ = session_for(fake)
+    assert fake.udp is not None
+    seen: list[int] = []
+    jar_at_spend: list[int] = []
+    handler = fake.udp.handler
+
+    def spy(data: bytes, addr: object, rx: int) -> object:
+        seen.append(len(jar_at_spend))  # the spend was reported before this arrived
+        return handler(data, addr, rx)
+
+    fake.udp.handler = spy  # type: ignore[assignment]
+    session.on_cookie_spent = lambda: jar_at_spend.append(len(session.cookies))
+    with session:
+        await session.measure()
+        await session.measure()
+    assert seen == [1, 2]
+    assert jar_at_spend[0] == MAX_COOKIES - 1  # the cookie on its way is out of the jar
 
 
 async def test_empty_jar_triggers_new_key_exchange(fake: FakeNtsServer) -> None:

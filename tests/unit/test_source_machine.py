@@ -108,3 +108,19 @@ def test_renewal_after_a_nak_failing_backs_off_until_an_answer() -> None:
     assert m.begin_poll(116.0, have_keys=False) is Step.KEY_EXCHANGE
     m.answered()  # an authenticated answer ends the run of failures
     assert m.ke.attempts == 0
+
+
+def test_naks_without_an_authenticated_answer_back_off_doubling() -> None:
+    # A forged NAK for every request: each renewal fails; the waits double, so the KE
+    # server sees a handful of connections an hour, not one per poll.
+    m = SourceMachine(-2, -2, nts=True)
+    now, kes = 0.0, 0
+    while now < 3600.0:
+        if m.begin_poll(now, have_keys=False) is Step.KEY_EXCHANGE:
+            kes += 1
+            m.ke_succeeded(now, 1.8e9 + now)
+            m.renewal_failed(now, "NTS NAK before any authenticated response")
+        now += m.interval()
+    assert kes <= 9, kes  # 16 s, 32 s, ... up to 2^12 s within the hour
+    m.answered()  # one authenticated answer ends the back-off run
+    assert m.ke.attempts == 0

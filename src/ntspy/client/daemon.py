@@ -10,6 +10,7 @@ and the clock is only read through the Clock given.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -305,7 +306,12 @@ class ClientDaemon:
             except OSError as exc:
                 log.error("cannot end the clock's slew: %s", exc)
         for src in list(self.sources):
-            await self._remove(src)
+            try:
+                await self._remove(src)
+            except Exception:  # one source's failure must not cost the others their state
+                log.exception("%s: could not be stopped cleanly", src.name)
+                with contextlib.suppress(ValueError):
+                    self.sources.remove(src)
         self.logs.close()
         self._save_drift()
         self._save_time()
@@ -585,7 +591,7 @@ class ClientDaemon:
         text = format_drift(self.discipline.frequency_ppm, self.discipline.skew_ppm)
         try:
             atomic_write(path, text.encode(), 0o644)
-        except OSError as exc:
+        except (OSError, StateFileError) as exc:
             log.error("cannot write drift file %s: %s", path, exc)
 
     def _time_file(self) -> Path | None:
@@ -600,7 +606,7 @@ class ClientDaemon:
             return
         try:
             atomic_write(path, f"{self.clock.now_ns()}\n".encode(), 0o644)
-        except OSError as exc:
+        except (OSError, StateFileError) as exc:
             log.error("cannot save the time to %s: %s", path, exc)
 
     def _restore_time(self) -> None:

@@ -54,8 +54,8 @@ class KeStatus:
 class SourceMachine:
     """Poll interval, burst, NTS-KE back-off and refresh of one source."""
 
-    __slots__ = ("_in_burst", "_score", "backoff_scale", "iburst_left", "ke", "maxpoll",
-                 "minpoll", "nts", "ntsrefresh", "poll", "polls")
+    __slots__ = ("_in_burst", "_nak_streak", "_score", "backoff_scale", "iburst_left", "ke",
+                 "maxpoll", "minpoll", "nts", "ntsrefresh", "poll", "polls")
 
     def __init__(self, minpoll: int, maxpoll: int, *, iburst: bool = False, nts: bool = False,
                  ntsrefresh: float = 2419200.0, backoff_scale: float = 1.0) -> None:
@@ -70,6 +70,7 @@ class SourceMachine:
         self.ke = KeStatus()
         self._score = PollScore()
         self._in_burst = False
+        self._nak_streak = 0
 
     # -- a poll ----------------------------------------------------------------
 
@@ -107,15 +108,21 @@ class SourceMachine:
         self.ke.last_error = ""
 
     def renewal_failed(self, now: float, error: str) -> None:
-        """A NAK made the session redo NTS-KE within the exchange, and that failed."""
+        """A NAK left the session without cookies and no new NTS-KE came of it (it
+        failed, or NAKs keep coming with no authenticated response in between).
+        The wait doubles per failure; only an authenticated answer resets it, so
+        forged NAKs cannot make us hammer the KE server (RFC 8915 s5.7)."""
         self.ke.attempts += 1
         self.ke.last_error = error
-        self.ke.retry_at = now + 2.0 ** KE_BACKOFF_CONNECT_LOG2 * self.backoff_scale
+        self._nak_streak += 1
+        delay = 2.0 ** min(KE_BACKOFF_MAX_LOG2, KE_BACKOFF_CONNECT_LOG2 + self._nak_streak - 1)
+        self.ke.retry_at = now + delay * self.backoff_scale
 
     def answered(self) -> None:
         """The poll got an answer the session accepted."""
         if self.nts:
             self.ke.attempts = 0
+            self._nak_streak = 0  # only an authenticated answer ends a NAK run
 
     def kissed(self, code: str) -> None:
         """A kiss-o'-death costs only this poll; RATE asks us to poll less often:

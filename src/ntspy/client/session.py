@@ -26,8 +26,10 @@ from typing import Any, Self
 from ..clock import Clock, SystemClock
 from ..errors import (
     AuthenticationFailure,
+    KeError,
     KissOfDeath,
     MalformedPacket,
+    NakBackoff,
     NtsError,
     NtsNakReceived,
     StateFileError,
@@ -327,9 +329,17 @@ class NtsSession(_Session):
         clock: Clock | None = None,
         random: Callable[[int], bytes] = os.urandom,
         key_exchange: KeFunction = ke_client.key_exchange,
+        max_key_exchanges: int | None = None,
+        on_cookie_spent: Callable[[], None] | None = None,
     ) -> None:
         """``ntp_port`` overrides the NTP port the KE server names (for testing a
-        server behind a port mapping); normally leave it None."""
+        server behind a port mapping); normally leave it None.
+
+        ``max_key_exchanges`` bounds the NTS-KE sessions this session will ever
+        run (``ntspy query``: 2).  ``on_cookie_spent`` is called after a cookie
+        leaves the jar and before the packet carrying it is sent, so that the
+        caller can persist the jar first: no cookie is ever sent twice, not even
+        across a crash (RFC 8915 s6: a repeated cookie links the client)."""
         super().__init__(timeout, clock, random)
         self.host = host
         self.ke_port = ke_port
@@ -342,9 +352,18 @@ class NtsSession(_Session):
         self.cookies: list[bytes] = []
         self._c2s: aead_mod.Aead | None = None
         self._s2c: aead_mod.Aead | None = None
+        self.max_key_exchanges = max_key_exchanges
+        self.on_cookie_spent = on_cookie_spent
+        self.ke_confirmed = False
+        """Whether an authenticated response came since the last NTS-KE: only then
+        may a NAK lead to another one (RFC 8915 s5.7: do not overload the KE server;
+        an off-path attacker can forge NAKs, not authenticated responses)."""
 
     async def key_exchange(self) -> KeResult:
         """Run NTS-KE now, replacing keys and cookies."""
+        done = self.stats["key exchanges"]
+        if self.max_key_exchanges is not None and done >= self.max_key_exchanges:
+            raise KeError(f"{done} NTS-KE sessions with {self.host} already: not another")
         result = await self._key_exchange(
             self.host,
             self.ke_port,
@@ -354,6 +373,7 @@ class NtsSession(_Session):
             timeout=self.timeout,
         )
         self.stats["key exchanges"] += 1
+        self.ke_confirmed = False
         self.ke = result
         self.cookies = list(result.cookies[:MAX_COOKIES])
         self._c2s = aead_mod.Aead(result.aead_id, result.c2s)
@@ -415,6 +435,7 @@ class NtsSession(_Session):
         if not result.cookies:
             raise StateFileError("saved NTS state has no cookies")
         self.ke, self.cookies, self._c2s, self._s2c = result, list(result.cookies), c2s, s2c
+        self.ke_confirmed = True  # these keys were in use before the restart
 
     @property
     def ntp_target(self) -> tuple[str, int]:
@@ -432,6 +453,11 @@ class NtsSession(_Session):
         except NtsNakReceived:
             self.stats["naks"] += 1
             self.cookies.clear()
+            if not self.ke_confirmed:
+                # A NAK right after a fresh NTS-KE: a broken server or a forger.
+                # Either way another KE now would just feed the KE server load.
+                raise NakBackoff(f"{self.host}: NTS NAK before any authenticated response "
+                                 "since the last NTS-KE: backing off") from None
             await self.key_exchange()
             return await self._measure_once()
 
@@ -443,6 +469,8 @@ class NtsSession(_Session):
         udp = await self._udp_to(host, port)
         s2c = self._s2c
         cookie = self.cookies.pop(0)  # spent whatever happens next: never sent twice
+        if self.on_cookie_spent is not None:
+            self.on_cookie_spent()  # persisted before it can be on the wire
         # Ask for enough extra cookies that the jar is full again after the reply.
         placeholders = max(0, MAX_COOKIES - 1 - len(self.cookies))
         unique_id = self.random(nts.UNIQUE_ID_LEN)
@@ -460,6 +488,7 @@ class NtsSession(_Session):
             response, received, t1 = await self._exchange(udp, host, port, request, check)
         except ConnectionRefusedError:
             raise NtsError(_refused(host, port)) from None
+        self.ke_confirmed = True  # an authenticated response: the keys are good
         room = MAX_COOKIES - len(self.cookies)
         self.cookies.extend(got_cookies[:room])
         self.stats["cookies received"] += len(got_cookies)

@@ -71,6 +71,7 @@ class Source:
         self.logged_errors: set[str] = set()
         self.dumpdir = dumpdir
         self.dump_path: Path | None = None
+        self._save_error = ""
         self._trust = trust or (lambda _set: TrustConfig())
         self.session: NtsSession | PlainSession
         self.set_address(address if address is not None else cfg.name)
@@ -89,7 +90,7 @@ class Source:
             self.session = NtsSession(
                 address, cfg.ntsport, trust=self._trust(cfg.certset), timeout=self.timeout,
                 clock=self.clock, ntp_port=cfg.port if cfg.port != 123 else None,
-                server_name=cfg.name,
+                server_name=cfg.name, on_cookie_spent=self.save_dump,
             )
         else:
             self.session = PlainSession(address, cfg.port, timeout=self.timeout, clock=self.clock)
@@ -165,8 +166,16 @@ class Source:
                 save_state(self.dump_path, DUMP_KIND, DUMP_VERSION,
                            {"session": dumped, "ke_count": self.ke.successes,
                             "ke_time": self.ke.last_success_wall})
-        except OSError as exc:
-            log.error("%s: cannot save NTS cookies to %s: %s", self.name, self.dump_path, exc)
+        except (OSError, StateFileError, ValueError) as exc:
+            # Retried at the next change (every poll); said once until it works again.
+            message = f"cannot save NTS cookies to {self.dump_path}: {exc}"
+            if message != self._save_error:
+                log.error("%s: %s", self.name, message)
+            self._save_error = message
+            return
+        if self._save_error:
+            log.info("%s: NTS cookies saved to %s again", self.name, self.dump_path)
+        self._save_error = ""
 
     def set_time_check(self, enabled: bool) -> None:
         """``nocerttimecheck``: relax only the certificate time checks until the clock is set."""
