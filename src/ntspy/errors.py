@@ -86,3 +86,8 @@ class ConfigError(NtsError):
 
 class StateFileError(NtsError):
     """A persisted state file that is corrupt, truncated or unreadable."""
+
+
+class StateFileUnreadable(StateFileError):
+    """A state file is there but cannot be read (permissions, I/O error): not a
+    damaged file to set aside, but one to keep and report."""

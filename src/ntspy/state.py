@@ -25,12 +25,11 @@ import json
 import os
 import re
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import StateFileError
+from .errors import StateFileError, StateFileUnreadable
 
 MAGIC = b"ntspy-state"
 FORMAT_VERSION = 1
@@ -55,9 +54,16 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """
     path = Path(path)
     parent = path.parent
+    # One fixed temporary name per file: a crash mid-write leaves at most one,
+    # which the next write replaces (unique names would pile up, each holding
+    # whatever secret the file holds).
+    tmp_name = str(temp_path(path))
     try:
         parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)  # never write through a link someone left there
+        fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, mode)
     except OSError as exc:
         raise StateFileError(f"cannot write {path}: {_reason(exc)}") from exc
     try:
@@ -77,6 +83,11 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
             raise StateFileError(f"cannot write {path}: {_reason(exc)}") from exc
         raise
     _fsync_directory(parent)
+
+
+def temp_path(path: Path) -> Path:
+    """Where :func:`atomic_write` stages ``path`` before the rename."""
+    return path.with_name(f".{path.name}.tmp")
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -102,14 +113,16 @@ def read_state(path: Path, *, max_size: int = DEFAULT_MAX_SIZE) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StateFileError(f"cannot read {path}: {_reason(exc)}") from exc
+        raise StateFileUnreadable(f"cannot read {path}: {_reason(exc)}") from exc
     try:
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise StateFileError(f"{path} is not a regular file")
             data = f.read(max_size + 1)
+    except IsADirectoryError:
+        raise StateFileError(f"{path} is not a regular file") from None
     except OSError as exc:
-        raise StateFileError(f"cannot read {path}: {_reason(exc)}") from exc
+        raise StateFileUnreadable(f"cannot read {path}: {_reason(exc)}") from exc
     if len(data) > max_size:
         raise StateFileError(f"{path} is larger than {max_size} bytes")
     return data

@@ -7,7 +7,10 @@ private without losing its keys.
 from __future__ import annotations
 
 import os
+import shlex
 import stat
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from ntspy.client.session import NtsSession
 from ntspy.net.tls import TrustConfig
 from ntspy.server.keys import KEY_FILE_NAME, STATE_KIND, STATE_VERSION
 from ntspy.state import b64, decode_state, encode_state
-from tests.peers import ServerProc, prepare_ntspy_server
+from tests.peers import NO_SYS_TIME, ServerProc, prepare_ntspy_server, wait_for_tcp
 
 LOOPBACK = "127.0.0.1"
 
@@ -154,3 +157,82 @@ async def test_world_readable_key_file_is_reported_and_made_private(server: Serv
     log = server.log()
     assert "accessible by group and others (mode 0644)" in log
     assert not list(server.dumpdir.glob("*.corrupt-*"))
+
+
+# -- keys others could plant, keys we cannot read, a full disk (issue 14, item 6) --------
+
+
+def serve_once(server: ServerProc, *prefix: str) -> subprocess.CompletedProcess[str]:
+    """``ntspy serve`` as it starts; ``prefix`` replaces the usual setpriv (it must drop
+    CAP_SYS_TIME too)."""
+    return subprocess.run([*(prefix or NO_SYS_TIME), sys.executable, "-m", "ntspy", "serve", "-f",
+                           str(server.config_path)], capture_output=True, text=True,
+                          timeout=30, check=False, stdin=subprocess.DEVNULL)
+
+
+def test_a_key_file_owned_by_another_user_is_refused(server: ServerProc) -> None:
+    path = key_path(server)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = good_file()
+    path.write_bytes(content)
+    os.chown(path, 65534, 65534)  # "nobody" could have written these keys
+    out = serve_once(server)
+    assert out.returncode == 1, out
+    assert "belongs to uid 65534" in out.stderr and "refusing its keys" in out.stderr, out
+    assert path.read_bytes() == content  # left as it was
+
+
+def test_a_world_writable_ntsdumpdir_is_refused(server: ServerProc) -> None:
+    server.dumpdir.mkdir(parents=True, exist_ok=True)
+    server.dumpdir.chmod(0o777)
+    out = serve_once(server)
+    assert out.returncode == 1, out
+    assert "is writable by others (mode 0777)" in out.stderr, out.stderr
+
+
+def test_a_key_file_the_server_cannot_read_stops_start_up_and_is_kept() -> None:
+    import shutil
+    import tempfile
+    top = Path(tempfile.mkdtemp(prefix="ntspy-keys-"))
+    try:
+        top.chmod(0o755)
+        srv = prepare_ntspy_server(top)
+        srv.dumpdir.mkdir(exist_ok=True)
+        path = key_path(srv)
+        content = good_file()
+        path.write_bytes(content)
+        path.chmod(0o600)  # root's, owner-only: the server below runs as nobody
+        for p in [srv.directory, *srv.directory.rglob("*")]:
+            if p != path:
+                os.chown(p, 65534, 65534)
+        out = serve_once(srv, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                         "--inh-caps=-all", "--bounding-set=-all")
+        assert out.returncode == 1, out
+        assert "cannot be read; fix the file's permissions" in out.stderr, out.stderr
+        assert path.read_bytes() == content  # never moved aside nor replaced
+        assert not list(srv.dumpdir.glob("*.corrupt-*"))
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+async def test_a_full_disk_at_start_serves_with_keys_in_memory(server: ServerProc) -> None:
+    server.dumpdir.mkdir(parents=True, exist_ok=True)
+    # A private mount namespace: a 4 KiB tmpfs on ntsdumpdir, filled up before the start.
+    command = [*NO_SYS_TIME, sys.executable, "-m", "ntspy", "serve", "-f",
+               str(server.config_path)]
+    script = (f"mount -t tmpfs -o size=4k,mode=0700 tmpfs {server.dumpdir} && "
+              f"dd if=/dev/zero of={server.dumpdir}/fill bs=1k count=64 2>/dev/null; "
+              f"exec {shlex.join(command)}")
+    with server.log_path.open("ab") as log:
+        proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_for_tcp(LOOPBACK, server.ke_port)
+        await assert_serves_nts(server)  # cookies under a key held in memory
+        log_text = server.log()
+        assert "serving with an NTS master key held in memory only" in log_text, log_text
+        assert "Traceback" not in log_text
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0, server.log()[-2000:]
+    assert "Traceback" not in server.log()

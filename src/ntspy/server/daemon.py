@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 from ..clock import Clock, SystemClock
 from ..config import Config, RateLimit, load_config
 from ..control.protocol import DEFAULT_SOCKET, ControlServer
-from ..errors import CertificateError, ConfigError, NtsError
+from ..errors import CertificateError, ConfigError, NtsError, StateFileError
 from ..net.tls import ServerContexts
 from ..net.udp import UdpServer
 from ..pidfile import AlreadyRunning, PidFile
@@ -275,10 +275,7 @@ class ServerDaemon:
         if self.ke_server is not None:
             await self.ke_server.close()
         if self.manage_keys:
-            try:
-                self.keys.save()
-            except OSError as exc:
-                log.error("could not save NTS server keys: %s", exc)
+            self.keys.try_save()
 
     def control_handlers(self) -> dict[str, Any]:
         async def serverstats(args: list[str]) -> dict[str, int]:
@@ -369,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
             return _serve_workers(config, account)
         finally:
             pidfile.release()
-    except (ConfigError, CertificateError, AlreadyRunning) as exc:
+    except (ConfigError, CertificateError, AlreadyRunning, StateFileError) as exc:
         print(f"ntspy: {exc}", file=sys.stderr)
         return 1
     except PrivilegeError as exc:
@@ -463,7 +460,7 @@ def _serve_workers(config: Config, account: pwd.struct_passwd | None = None) -> 
         for pid in list(children):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-        main.keys.save()
+        main.keys.try_save()
         sockets.close()
         if private_keys is not None:
             private_keys.cleanup()
