@@ -227,6 +227,13 @@ def test_serve_drops_root_and_still_serves_nts(workers: int) -> None:
         finally:
             rc = srv.stop()
             assert rc == 0, srv.log()[-3000:]
+        # A restart (as root again) takes the key file its unprivileged self wrote.
+        srv.start()
+        try:
+            assert asyncio.run(measure())
+            assert "refusing its keys" not in srv.log()
+        finally:
+            assert srv.stop() == 0, srv.log()[-3000:]
     finally:
         shutil.rmtree(top, ignore_errors=True)
 

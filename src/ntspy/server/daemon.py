@@ -114,6 +114,16 @@ class Sockets:
             s.close()
 
 
+def _user_uids(config: Config) -> frozenset[int]:
+    """The uid ``user`` names (its files are the server's own), if it exists."""
+    if not config.user:
+        return frozenset()
+    try:
+        return frozenset({lookup(config.user).pw_uid})
+    except PrivilegeError:
+        return frozenset()
+
+
 class BindError(OSError):
     """A server socket could not be bound; the message says which and why."""
 
@@ -157,7 +167,8 @@ class ServerDaemon:
         self.stats_table = stats or StatsTable()
         self.stats = self.stats_table.row(worker)
         self.manage_keys = manage_keys
-        self.keys = KeyStore(key_dir or config.ntsdumpdir, config.ntsrotate)
+        self.keys = KeyStore(key_dir or config.ntsdumpdir, config.ntsrotate,
+                             trusted_uids=_user_uids(config))
         self.contexts: ServerContexts | None = None
         self.responder: Responder | None = None
         self.ke_server: KeServer | None = None

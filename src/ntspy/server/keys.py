@@ -45,7 +45,10 @@ class KeyStore:
         rotate_interval: int,
         random_bytes: Callable[[int], bytes] = os.urandom,
         kept: int = DEFAULT_KEPT_KEYS,
+        trusted_uids: frozenset[int] = frozenset(),
     ) -> None:
+        """``trusted_uids``: owners besides root and ourselves that key files may have
+        (the ``user`` the server runs as after start-up)."""
         self.path = dumpdir / KEY_FILE_NAME if dumpdir is not None else None
         self.rotate_interval = rotate_interval
         self.random_bytes = random_bytes
@@ -53,6 +56,7 @@ class KeyStore:
         self._mtime_ns = 0
         self._unsaved = False
         self._reported = ""
+        self.trusted_uids = trusted_uids
 
     def load(self, now: int) -> KeyRing:
         """Load the saved ring (if any), add a key if it is empty or due, save.
@@ -111,7 +115,7 @@ class KeyStore:
                 continue
             except OSError as exc:
                 raise StateFileError(f"cannot check {what} {path}: {exc}") from None
-            if st.st_uid not in (me, 0):
+            if st.st_uid not in (me, 0, *self.trusted_uids):
                 raise StateFileError(f"{what} {path} belongs to uid {st.st_uid}, not to this "
                                      f"server (uid {me}) or root: refusing its keys")
             if st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & 0o1000):
