@@ -219,6 +219,7 @@ class ServerDaemon:
                 self.stats,
                 max_connections=self.config.maxntsconnections,
                 ratelimit=_limiter(self.config.ntsratelimit),
+                access=self.config.is_allowed,
             )
             for sock in self.sockets.ke:
                 await self.ke_server.start(None, 0, sock=sock)

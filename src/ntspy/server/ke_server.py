@@ -76,8 +76,12 @@ class KeServer:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         request_timeout: float = REQUEST_TIMEOUT,
         use_native: bool = True,
+        access: Callable[[str], bool] | None = None,
     ) -> None:
+        """``access`` is the ``allow``/``deny`` rule set, asked at accept, before TLS:
+        a denied address gets no handshake, let alone cookies (as chronyd)."""
         self.contexts = contexts
+        self.access = access
         self.keyring = keyring
         self.policy = policy
         self.stats = stats
@@ -146,6 +150,13 @@ class KeServer:
         for proto in list(self._live):
             proto.abort("server shutting down")
         await asyncio.sleep(0)  # let the transports run their connection_lost
+
+    def allowed(self, address: str) -> bool:
+        """``allow``/``deny`` for ``address``; a denied one is counted (``ke_denied``)."""
+        if self.access is None or self.access(address):
+            return True
+        self.stats.add("ke_denied")
+        return False
 
     def admit(self, address: str) -> bool:
         """Whether a new connection from ``address`` may be served (cap and rate)."""
@@ -258,6 +269,9 @@ class KeServerProtocol(asyncio.BufferedProtocol):
         server = self._server
         peer: Any = transport.get_extra_info("peername")
         address = self._address = str(peer[0]) if peer else "?"
+        if not server.allowed(address):
+            transport.abort()
+            return
         if not server.admit(address):
             server.stats.add("ke_dropped")
             transport.abort()
@@ -543,6 +557,8 @@ class _NativeListener:
 
     def on_accept(self, host: str) -> bool:
         server = self.server
+        if not server.allowed(host):
+            return False
         # One listener (the usual case): its engine's count is the server's.
         active = self.engine.active if len(server._listeners) == 1 else server.active
         limiter = server.ratelimit

@@ -29,6 +29,7 @@ COUNTERS: tuple[tuple[str, str], ...] = (
     ("daemon_tx", "NTP daemon TX timestamps"),
     ("kernel_rx", "NTP kernel RX timestamps"),
     ("kernel_tx", "NTP kernel TX timestamps"),
+    ("ke_denied", "NTS-KE connections denied"),  # last: the indices before it are fixed
 )
 _INDEX = {name: i for i, (name, _) in enumerate(COUNTERS)}
 _WIDTH = len(COUNTERS)
