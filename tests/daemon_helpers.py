@@ -258,7 +258,9 @@ class TcpProxy:
                             continue
                     except OSError:
                         pass
-                    other = pairs.pop(sock)
+                    other = pairs.pop(sock, None)
+                    if other is None:
+                        continue  # both ends were ready in this round: already closed
                     pairs.pop(other, None)
                     for s in (sock, other):
                         sel.unregister(s)
