@@ -132,8 +132,16 @@ def test_waitsync_returns_once_synchronised_and_gives_up_when_asked(tmp_path: Pa
     assert bad.returncode == 2 and "usage: waitsync" in bad.stderr
 
 
-def test_workers_die_with_their_supervisor(tmp_path: Path) -> None:
-    server = start_ntspy_server(tmp_path / "server", ntsprocesses=2)
+@pytest.mark.parametrize("user", [None, "nobody"])  # a user switch clears the death signal
+def test_workers_die_with_their_supervisor(tmp_path: Path, user: str | None) -> None:
+    server = start_ntspy_server(tmp_path / "server", ntsprocesses=2,
+                                extra_lines=[f"user {user}"] if user else [])
+    if user:  # let every process make its switch first
+        wait_until(lambda: server.proc is not None and all(
+            Path(f"/proc/{pid}/status").read_text().count("\t65534") >= 4
+            for pid in [server.proc.pid, *map(int, Path(
+                f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split())]),
+            10.0, "all processes switched to nobody")
     assert server.proc is not None
     try:
         children = [int(p) for p in

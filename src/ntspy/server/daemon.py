@@ -466,16 +466,39 @@ def _serve_workers(config: Config, account: pwd.struct_passwd | None = None) -> 
     try:
         return asyncio.run(_supervise(config, main, children, spawn, account, key_dir))
     finally:
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        for pid in list(children):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+        _stop_workers(list(children))
         main.keys.try_save()
         sockets.close()
         if private_keys is not None:
             private_keys.cleanup()
+
+
+WORKER_STOP_TIMEOUT = 10.0
+"""Seconds the supervisor waits for its workers to leave at shutdown."""
+
+
+def _stop_workers(pids: list[int]) -> None:
+    """SIGTERM every worker until it has exited (a worker still switching users may
+    refuse a signal from an unprivileged supervisor for a moment: ask again)."""
+    deadline = time.monotonic() + WORKER_STOP_TIMEOUT
+    left = set(pids)
+    while left:
+        for pid in list(left):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                left.discard(pid)
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            log.error("workers %s did not stop; leaving them to their parent-death signal",
+                      sorted(left))
+            return
+        time.sleep(0.05)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -504,6 +527,8 @@ async def _worker(
     await daemon.start()
     if account is not None:
         drop_to(account, keep_sys_time=False)
+        # Changing credentials clears the parent-death signal: ask for it again.
+        _die_with_parent(os.getppid())
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, daemon.reload_certificates)
     await _stop_event().wait()
     await daemon.stop()
@@ -522,7 +547,7 @@ async def _supervise(
 
     def forward_hup() -> None:
         for pid in children:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGHUP)
 
     loop.add_signal_handler(signal.SIGHUP, forward_hup)
