@@ -25,7 +25,7 @@ from ..errors import ConfigError, NtsError, StateFileError
 from ..leapsec import leap_at_end_of_day, zone_knows_leap_seconds
 from ..net.dns import TYPE_A, TYPE_AAAA, Resolver
 from ..net.tls import TrustConfig
-from ..proto.ntp import Leap, unix_ns_to_ntp
+from ..proto.ntp import Leap, reference_id_for, unix_ns_to_ntp
 from ..state import atomic_write, read_state, set_aside
 from ..sync.discipline import Discipline, Tracking, apply_action, format_drift, parse_drift
 from ..sync.engine import Decision, SyncEngine
@@ -185,9 +185,7 @@ class ClientDaemon:
         """Resolve pools that are short of sources again, with back-off, and replace
         pool sources that stopped answering (as chrony does)."""
         while True:
-            current = asyncio.current_task()
-            if self._stopping or (current is not None and current.cancelling()):
-                raise asyncio.CancelledError  # see _remove: a swallowed cancellation
+            self._end_if_asked()
             await asyncio.sleep(self.options.pool_check)
             for key, state in list(self._pools.items()):
                 try:
@@ -195,6 +193,13 @@ class ClientDaemon:
                 except Exception:
                     self.loop_errors += 1
                     log.exception("pool %s: keeping it filled failed", state.cfg.name)
+
+    def _end_if_asked(self) -> None:
+        """End the calling task if the daemon stops or the task was cancelled: Python
+        3.11's wait_for can swallow a cancellation that meets a finishing I/O wait."""
+        current = asyncio.current_task()
+        if self._stopping or (current is not None and current.cancelling()):
+            raise asyncio.CancelledError
 
     async def _keep_pool(self, key: tuple[str, int, bool], state: _PoolState) -> None:
         cfg = state.cfg
@@ -349,9 +354,7 @@ class ClientDaemon:
                     src.logged_errors.add(where)
                     log.exception("%s: poll round failed (round skipped, polling goes on)",
                                   src.name)
-            current = asyncio.current_task()
-            if self._stopping or (current is not None and current.cancelling()):
-                raise asyncio.CancelledError  # a cancellation swallowed on the way
+            self._end_if_asked()
             await asyncio.sleep(src.interval())
 
     async def _poll_round(self, src: Source) -> None:
@@ -638,10 +641,10 @@ class ClientDaemon:
     # -- status ---------------------------------------------------------------
 
     def source_by_key(self, key: str) -> Source:
-        for src in self.sources:
-            if src.key == key:
-                return src
-        raise KeyError(key)
+        src = self._by_key(key)
+        if src is None:
+            raise KeyError(key)
+        return src
 
     def tracking(self) -> Tracking:
         return self.engine.tracking(self.clock.pending_slew_s())
@@ -720,7 +723,7 @@ class ClientDaemon:
         if sel is None or not sel.synchronised or sel.selected is None:
             return None
         t = self.tracking()
-        refid = _refid_for(self.source_by_key(sel.selected).address)
+        refid = reference_id_for(self.source_by_key(sel.selected).address)
         return (int(t.leap) if t.leap != Leap.UNSYNCHRONIZED else 0, t.stratum, t.root_delay,
                 t.root_dispersion, refid,
                 unix_ns_to_ntp(t.ref_time_ns) if t.ref_time_ns else 0)
@@ -734,17 +737,3 @@ def _refid_number(text: str) -> int:
         return int(ipaddress.IPv4Address(text))
     except ValueError:
         return int.from_bytes(text.encode("ascii", "replace")[:4].ljust(4, b"\0"), "big")
-
-
-def _refid_for(address: str) -> bytes:
-    """RFC 5905 reference id of an upstream: its IPv4 address, or MD5 of IPv6."""
-    import hashlib
-    import ipaddress
-
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return hashlib.md5(address.encode(), usedforsecurity=False).digest()[:4]
-    if isinstance(ip, ipaddress.IPv4Address):
-        return ip.packed
-    return hashlib.md5(ip.packed, usedforsecurity=False).digest()[:4]

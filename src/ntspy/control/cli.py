@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import ipaddress
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from ..proto.ntp import reference_id_for
 from ..server.stats import format_serverstats
 from .format import (
     AUTHDATA_HEADER,
@@ -109,16 +108,8 @@ def waitsync(socket: Path, words: list[str], sleep: Any = time.sleep) -> int:
 
 
 def _refid(reference: Any) -> int:
-    """The reference as chronyc prints it: an IPv4 address as its 32 bits, a name's hash."""
-    text = str(reference or "")
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return int.from_bytes(hashlib.md5(text.encode(), usedforsecurity=False).digest()[:4],
-                              "big") or 1
-    if isinstance(ip, ipaddress.IPv4Address):
-        return int(ip)
-    return int.from_bytes(hashlib.md5(ip.packed, usedforsecurity=False).digest()[:4], "big")
+    """The reference id as 32 bits (0: none)."""
+    return int(refid_hex(str(reference) if reference else None), 16)
 
 
 def _name(row: dict[str, Any], configured: bool) -> str:
@@ -171,15 +162,10 @@ def render(command: str, result: Any, configured: bool = False, verbose: bool = 
 
 
 def refid_hex(reference: str | None) -> str:
+    """The reference id as chronyc's tracking prints it (8 hex digits)."""
     if not reference:
         return "00000000"
-    try:
-        ip = ipaddress.ip_address(reference)
-    except ValueError:
-        return hashlib.md5(reference.encode(), usedforsecurity=False).hexdigest()[:8].upper()
-    if ip.version == 4:
-        return ip.packed.hex().upper()
-    return hashlib.md5(ip.packed, usedforsecurity=False).hexdigest()[:8].upper()
+    return reference_id_for(reference).hex().upper()
 
 
 def render_tracking(t: dict[str, Any]) -> str:

@@ -95,6 +95,21 @@ def seconds_to_short(seconds: float) -> int:
     return max(0, min(0xFFFFFFFF, round(seconds * 65536.0)))
 
 
+def reference_id_for(address: str) -> bytes:
+    """RFC 5905 reference id of an upstream: its IPv4 address, or the first four bytes
+    of the MD5 of its IPv6 address (of the name, for anything that is not an address)."""
+    import hashlib
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return hashlib.md5(address.encode(), usedforsecurity=False).digest()[:4]
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip.packed
+    return hashlib.md5(ip.packed, usedforsecurity=False).digest()[:4]
+
+
 def offset_delay_ns(t1: int, t2: int, t3: int, t4: int) -> tuple[int, int]:
     """Clock offset and round-trip delay from the four on-wire times (Unix ns).
 

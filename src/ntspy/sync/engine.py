@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from ntspy.proto.ntp import Leap
 from ntspy.sync.discipline import ClockAction, Discipline, MaxChangeExceeded, Tracking
 from ntspy.sync.filter import PHI, ReachRegister, Sample, SourceStats
-from ntspy.sync.sanity import SampleLimits, SampleReject, check_exchange
+from ntspy.sync.sanity import SampleLimits, SampleReject, check_exchange, precision_seconds
 from ntspy.sync.select import SelectConfig, Selection, candidate_from_stats, select_sources
 
 STARTUP_HOLD_POLLS = 8
@@ -115,7 +115,7 @@ class Exchange:
     @property
     def dispersion(self) -> float:
         """The sample's own error: the server's precision plus PHI over the round trip."""
-        return 2.0 ** max(-64, min(0, self.precision)) + PHI * max(0.0, self.delay)
+        return precision_seconds(self.precision) + PHI * max(0.0, self.delay)
 
 
 class EngineSource:
@@ -244,7 +244,7 @@ class SyncEngine:
             offset=exchange.offset - pending_s,
             # RFC 5905 s8: a round trip is never taken as shorter than the
             # precision allows (a rounding-negative one becomes ~0).
-            delay=max(exchange.delay, 2.0 ** max(-64, min(0, exchange.precision))),
+            delay=max(exchange.delay, precision_seconds(exchange.precision)),
             dispersion=exchange.dispersion,
             root_delay=exchange.root_delay,
             root_dispersion=exchange.root_dispersion,

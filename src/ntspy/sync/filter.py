@@ -425,11 +425,9 @@ class SourceStats:
                 self._asym += ASYMMETRY_AVERAGING * (share - self._asym)
                 self._asym_error = error if math.isinf(self._asym_error) else \
                     self._asym_error + ASYMMETRY_AVERAGING * (error - self._asym_error)
-        # Only a clear asymmetry is corrected: on a symmetric path the
-        # estimate is noise, and correcting by it would add noise.
-        if not abs(self._asym) > ASYMMETRY_GATE * self._asym_error:
+        share = self.asymmetry
+        if not share:
             return offsets
-        share = max(-MAX_ASYMMETRY, min(MAX_ASYMMETRY, self._asym))
         least = min(delays)
         return [y - share * (d - least) for y, d in zip(offsets, delays, strict=True)]
 
@@ -437,7 +435,8 @@ class SourceStats:
 
     @property
     def asymmetry(self) -> float:
-        """Share of excess delay taken out of the offsets (0 while not clearly asymmetric)."""
+        """Share of excess delay taken out of the offsets (0 while not clearly asymmetric:
+        on a symmetric path the estimate is noise, and correcting by it adds noise)."""
         if not abs(self._asym) > ASYMMETRY_GATE * self._asym_error:
             return 0.0
         return max(-MAX_ASYMMETRY, min(MAX_ASYMMETRY, self._asym))

@@ -30,6 +30,11 @@ DEFAULT_MAX_DELAY = 3.0
 """chrony's ``maxdelay``: a round trip longer than this is no measurement."""
 
 
+def precision_seconds(log2: int) -> float:
+    """An NTP precision field (log2 seconds) in seconds, bounded to what can be meant."""
+    return 2.0 ** max(-64, min(0, log2))
+
+
 class SampleReject(enum.StrEnum):
     """Why a sample was dropped (the key it is counted under)."""
 
@@ -84,7 +89,7 @@ def check_exchange(
     # among them) fuzz the bits below it, so T3 can read a hair before T2 and
     # a round trip on a fast path a hair below zero.  Within the precisions
     # that is rounding; beyond them the times cannot be of a real exchange.
-    tolerance = 2.0 ** max(-64, min(0, precision)) + LOCAL_PRECISION
+    tolerance = precision_seconds(precision) + LOCAL_PRECISION
     if t4 < t1:
         return SampleReject.LOCAL_TIME_REVERSED
     if (t2 - t3) / 1e9 > tolerance:
