@@ -11,7 +11,9 @@
  * not involved (its wake-ups were 5-8% of a key exchange).  Python still
  * decides everything that is NTS: for each connection C calls back
  *
- *   on_accept(host) -> bool         admit or drop (counters, cap, ntsratelimit)
+ *   on_accept(host, same) -> bool   admit or drop (counters, caps, ntsratelimit);
+ *                                   ``same``: connections open now from the
+ *                                   same client (IPv4 address, IPv6 /64)
  *   on_request(data, eof) -> bytes  the KE request bytes -> the answer
  *                                   (parsing and negotiation stay in Python,
  *                                   which may call Engine.export()/peer())
@@ -258,7 +260,7 @@ static PyTypeObject TlsContextType = {
 typedef struct Conn {
     struct Conn *prev, *next; /* in the engine's deadline list for its phase */
     double deadline;
-    int listed; /* which list: 0 handshake, 1 request/closing, -1 none */
+    int listed; /* in the engine's list of open connections */
     int fd;
     int phase;
     int want_out; /* registered for EPOLLOUT */
@@ -282,8 +284,8 @@ typedef struct {
     int epfd, tfd, lfd;
     TlsContextObject *tls;
     PyObject *on_accept, *on_request, *on_failed;
-    double timeout[2]; /* handshake, request (also bounds the closing write) */
-    Conn *head[2], *tail[2];
+    double timeout; /* the whole session, from accept to the last byte written */
+    Conn *head, *tail; /* open connections, oldest (first deadline) first */
     Conn *current; /* the connection on_request is answering */
     int active;
     double accept_paused_until;
@@ -357,35 +359,50 @@ select_certificate(SSL *ssl, int *alert, void *arg)
 static void
 unlist(EngineObject *e, Conn *c)
 {
-    if (c->listed < 0)
+    if (!c->listed)
         return;
-    int l = c->listed;
     if (c->prev)
         c->prev->next = c->next;
     else
-        e->head[l] = c->next;
+        e->head = c->next;
     if (c->next)
         c->next->prev = c->prev;
     else
-        e->tail[l] = c->prev;
+        e->tail = c->prev;
     c->prev = c->next = NULL;
-    c->listed = -1;
+    c->listed = 0;
 }
 
-/* Every connection in a list has the same timeout, so appending keeps it sorted. */
+/* At accept: every connection has the same session timeout, so appending
+ * keeps the list sorted by deadline.  Nothing moves a connection later. */
 static void
-relist(EngineObject *e, Conn *c, int l, double now)
+enlist(EngineObject *e, Conn *c, double now)
 {
-    unlist(e, c);
-    c->deadline = now + e->timeout[l];
-    c->listed = l;
-    c->prev = e->tail[l];
+    c->deadline = now + e->timeout;
+    c->listed = 1;
+    c->prev = e->tail;
     c->next = NULL;
-    if (e->tail[l])
-        e->tail[l]->next = c;
+    if (e->tail)
+        e->tail->next = c;
     else
-        e->head[l] = c;
-    e->tail[l] = c;
+        e->head = c;
+    e->tail = c;
+}
+
+/* Whether two peers are the same client for the per-address limit: the same
+ * IPv4 address, or the same IPv6 /64 (one host usually holds a whole /64). */
+static int
+same_client(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+    if (a->ss_family != b->ss_family)
+        return 0;
+    if (a->ss_family == AF_INET)
+        return ((const struct sockaddr_in *)a)->sin_addr.s_addr ==
+               ((const struct sockaddr_in *)b)->sin_addr.s_addr;
+    if (a->ss_family == AF_INET6)
+        return memcmp(&((const struct sockaddr_in6 *)a)->sin6_addr,
+                      &((const struct sockaddr_in6 *)b)->sin6_addr, 8) == 0;
+    return 0;
 }
 
 static void
@@ -596,8 +613,7 @@ conn_answer(EngineObject *e, Conn *c, int eof)
     ERR_clear_error();
     SSL_shutdown(c->ssl); /* close_notify */
     ERR_clear_error();
-    c->phase = P_CLOSING;
-    relist(e, c, 1, monotonic());
+    c->phase = P_CLOSING; /* still bounded by the session deadline */
     if (conn_flush(e, c) != 1)
         conn_free(e, c); /* written (or the client is gone): done */
 }
@@ -687,7 +703,6 @@ conn_event(EngineObject *e, Conn *c, uint32_t events)
             return;
         }
         c->phase = P_REQUEST;
-        relist(e, c, 1, monotonic());
     }
 
     /* P_REQUEST: decrypt what arrived into the request buffer. */
@@ -740,11 +755,7 @@ conn_event(EngineObject *e, Conn *c, uint32_t events)
 static int
 engine_rearm(EngineObject *e, double now)
 {
-    double next = 0;
-    for (int l = 0; l < 2; l++) {
-        if (e->head[l] && (next == 0 || e->head[l]->deadline < next))
-            next = e->head[l]->deadline;
-    }
+    double next = e->head ? e->head->deadline : 0;
     if (e->accept_paused_until > 0 && (next == 0 || e->accept_paused_until < next))
         next = e->accept_paused_until;
     if (next == 0 || (e->armed > now && e->armed <= next))
@@ -764,14 +775,19 @@ engine_rearm(EngineObject *e, double now)
 static void
 engine_expire(EngineObject *e, double now)
 {
-    while (e->head[0] && e->head[0]->deadline <= now)
-        conn_fail(e, e->head[0], "timeout-handshake", NULL);
-    while (e->head[1] && e->head[1]->deadline <= now) {
-        Conn *c = e->head[1];
-        if (c->phase == P_CLOSING)
+    while (e->head && e->head->deadline <= now) {
+        Conn *c = e->head;
+        if (c->phase == P_CLOSING) {
             conn_free(e, c); /* answered; the client just does not read */
-        else
+        } else if (c->phase == P_HANDSHAKE) {
+            conn_fail(e, c, "timeout-handshake", NULL);
+        } else {
+            /* As the asyncio path: close_notify (best effort), then close. */
+            SSL_shutdown(c->ssl);
+            ERR_clear_error();
+            (void)conn_flush(e, c);
             conn_fail(e, c, "timeout-request", NULL);
+        }
     }
     if (e->accept_paused_until > 0 && e->accept_paused_until <= now) {
         struct epoll_event ev = {.events = LISTEN_EVENTS, .data.ptr = &TAG_LISTEN};
@@ -811,13 +827,15 @@ engine_accept(EngineObject *e)
             continue;
         }
         c->fd = fd;
-        c->listed = -1;
         c->peer = peer;
         c->peer_len = peer_len;
         e->active++; /* conn_free undoes it */
+        long same = 0;
+        for (const Conn *o = e->head; o != NULL; o = o->next)
+            same += same_client(&o->peer, &c->peer);
 
         PyObject *host = peer_host(c);
-        PyObject *ok = host ? PyObject_CallOneArg(e->on_accept, host) : NULL;
+        PyObject *ok = host ? PyObject_CallFunction(e->on_accept, "Ol", host, same) : NULL;
         Py_XDECREF(host);
         if (ok == NULL)
             PyErr_WriteUnraisable(e->on_accept);
@@ -854,7 +872,7 @@ engine_accept(EngineObject *e)
             conn_fail_text(e, c, "lost", strerror(errno));
             continue;
         }
-        relist(e, c, 0, monotonic());
+        enlist(e, c, monotonic());
         /* Under load the ClientHello is there already, and this saves a round
          * through epoll; on an idle server it costs one recv that finds nothing. */
         conn_event(e, c, EPOLLIN);
@@ -867,14 +885,12 @@ engine_close_all(EngineObject *e)
     if (e->closed)
         return;
     e->closed = 1;
-    for (int l = 0; l < 2; l++) {
-        while (e->head[l]) {
-            Conn *c = e->head[l];
-            if (c->phase == P_CLOSING)
-                conn_free(e, c);
-            else
-                conn_fail(e, c, "shutdown", NULL);
-        }
+    while (e->head) {
+        Conn *c = e->head;
+        if (c->phase == P_CLOSING)
+            conn_free(e, c);
+        else
+            conn_fail(e, c, "shutdown", NULL);
     }
     if (e->epfd >= 0)
         close(e->epfd);
@@ -895,26 +911,25 @@ static int
 Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"listen_fd", "tls", "on_accept", "on_request", "on_failed",
-                             "handshake_timeout", "request_timeout", NULL};
+                             "session_timeout", NULL};
     int lfd;
     PyObject *tls, *on_accept, *on_request, *on_failed;
-    double hs, rq;
+    double timeout;
     if (self->epfd != 0 || self->tfd != 0) {
         PyErr_SetString(PyExc_RuntimeError, "Engine is already initialised");
         return -1;
     }
     self->epfd = self->tfd = self->wake_fd = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO!OOOdd:Engine", kwlist, &lfd,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO!OOOd:Engine", kwlist, &lfd,
                                      &TlsContextType, &tls, &on_accept, &on_request,
-                                     &on_failed, &hs, &rq))
+                                     &on_failed, &timeout))
         return -1;
-    if (!(hs > 0) || !(rq > 0)) {
-        PyErr_SetString(PyExc_ValueError, "timeouts must be positive");
+    if (!(timeout > 0)) {
+        PyErr_SetString(PyExc_ValueError, "the session timeout must be positive");
         return -1;
     }
     self->lfd = lfd;
-    self->timeout[0] = hs;
-    self->timeout[1] = rq;
+    self->timeout = timeout;
     Py_INCREF(tls);
     self->tls = (TlsContextObject *)tls;
     Py_INCREF(on_accept);
@@ -946,10 +961,8 @@ static void
 Engine_dealloc(EngineObject *self)
 {
     /* Never closed: let go of everything without calling back into Python. */
-    for (int l = 0; l < 2; l++) {
-        while (self->head[l])
-            conn_free(self, self->head[l]);
-    }
+    while (self->head)
+        conn_free(self, self->head);
     if (!self->closed) {
         if (self->epfd > 0)
             close(self->epfd);
@@ -1152,7 +1165,7 @@ static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "ntspy._ke.Engine",
     .tp_doc = PyDoc_STR("Engine(listen_fd, tls, on_accept, on_request, on_failed, "
-                        "handshake_timeout, request_timeout)"),
+                        "session_timeout)"),
     .tp_basicsize = sizeof(EngineObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,

@@ -17,7 +17,10 @@ class Engine:
     """Accepts on ``listen_fd`` and runs each connection's TLS and KE exchange
     on a thread of its own (:meth:`start`); the callbacks run there.
 
-    ``on_accept(host)`` admits (True) or drops a new connection;
+    ``on_accept(host, same)`` admits (True) or drops a new connection
+    (``same``: connections open now from that client: its IPv4 address or
+    IPv6 /64); ``session_timeout`` bounds each connection from accept to its
+    last byte;
     ``on_request(data, eof)`` turns the request bytes into the answer;
     ``on_failed(who, kind, detail)`` reports a connection that ended without
     one (``who`` None: accept() itself failed).
@@ -27,11 +30,10 @@ class Engine:
         self,
         listen_fd: int,
         tls: TlsContext,
-        on_accept: Callable[[str], bool],
+        on_accept: Callable[[str, int], bool],
         on_request: Callable[[bytes, bool], bytes],
         on_failed: Callable[[str | None, str, str | bytes | None], None],
-        handshake_timeout: float,
-        request_timeout: float,
+        session_timeout: float,
     ) -> None: ...
     @property
     def active(self) -> int: ...

@@ -134,6 +134,8 @@ class Config:
     ntsntpserver: str | None = None
     ntsprocesses: int = 1
     maxntsconnections: int = 100
+    ntsclientconnections: int = 8  # ntspy: concurrent NTS-KE connections per client
+    ntssessiontimeout: float = 2.0  # ntspy: seconds for a whole NTS-KE session
     ntsratelimit: RateLimit | None = None
     ratelimit: RateLimit | None = None
     ntsaeads: list[int] | None = None
@@ -650,6 +652,16 @@ class _Parser:
     def d_maxntsconnections(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 1)
         self.config.maxntsconnections = _int(where, args[0], "connections", 1, 1_000_000)
+
+    def d_ntsclientconnections(self, where: _Where, args: list[str], depth: int) -> None:
+        """ntspy: concurrent NTS-KE connections one client (IPv4 address, IPv6 /64) may hold."""
+        _nargs(where, args, 1)
+        self.config.ntsclientconnections = _int(where, args[0], "connections", 1, 1_000_000)
+
+    def d_ntssessiontimeout(self, where: _Where, args: list[str], depth: int) -> None:
+        """ntspy: the deadline of a whole NTS-KE session, from accept to the last byte."""
+        _nargs(where, args, 1)
+        self.config.ntssessiontimeout = _float(where, args[0], "timeout", 0.01, 3600.0)
 
     def d_ratelimit(self, where: _Where, args: list[str], depth: int) -> None:
         self.config.ratelimit = _rate_limit(where, args, RateLimit())

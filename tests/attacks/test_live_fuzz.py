@@ -42,7 +42,10 @@ KE_OUTCOMES = ("ke_completed", "ke_errors", "ke_failed")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
-    proc = start_ntspy_server(tmp_path_factory.mktemp("live-fuzz"))
+    # 16 fuzzing connections at once from 127.0.0.1, plus the good client: above the
+    # default per-client share of 8 (tests/attacks/test_ke_starvation.py tests that).
+    proc = start_ntspy_server(tmp_path_factory.mktemp("live-fuzz"),
+                              [f"ntsclientconnections {KE_PARALLEL + 4}"])
     try:
         yield proc
     finally:

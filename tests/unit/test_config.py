@@ -42,6 +42,8 @@ ntsrotate 86400
 ntsntpserver ntp.example.net
 ntsprocesses 4
 maxntsconnections 500
+ntsclientconnections 4
+ntssessiontimeout 1.5
 ntsaeads 30 15
 allow 192.168.0.0/16
 deny 192.168.66
@@ -115,6 +117,7 @@ def test_server_config() -> None:
     assert config.ntsrotate == 86400
     assert config.ntsntpserver == "ntp.example.net"
     assert (config.ntsprocesses, config.maxntsconnections) == (4, 500)
+    assert (config.ntsclientconnections, config.ntssessiontimeout) == (4, 1.5)
     assert config.ntsaeads == [30, 15]
     assert config.access == [
         AccessRule(True, ipaddress.ip_network("192.168.0.0/16")),

@@ -34,7 +34,8 @@ from ntspy.server.stats import ServerStats, StatsTable
 
 LOOPBACK = "127.0.0.1"
 OUTCOMES = ("ke_completed", "ke_errors", "ke_failed")
-COUNTERS = ("ke_accepted", "ke_dropped", *OUTCOMES)
+COUNTERS = ("ke_accepted", "ke_dropped", *OUTCOMES,
+            "ke_timeouts", "ke_drop_full", "ke_drop_client", "ke_drop_rate")
 REQUEST = ke.build_client_request([AeadId.AES_SIV_CMAC_256])
 
 
@@ -99,10 +100,11 @@ class Running:
         return ctx
 
     async def tls(
-        self, alpn: bool = True, tls12: bool = False
+        self, alpn: bool = True, tls12: bool = False, source: str | None = None
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection(
-            LOOPBACK, self.port, ssl=self.client_context(alpn, tls12), server_hostname="localhost"
+            LOOPBACK, self.port, ssl=self.client_context(alpn, tls12), server_hostname="localhost",
+            local_addr=(source, 0) if source else None,
         )
 
 
@@ -225,25 +227,98 @@ async def test_oversized_message_is_refused_without_waiting_for_its_end(pki: Cer
         expect(await srv.settled(), ke_accepted=1, ke_errors=1)
 
 
-async def test_silent_client_hits_the_handshake_timeout(pki: CertPaths) -> None:
-    async with ke_server(pki, handshake_timeout=0.2, request_timeout=30) as srv:
+async def test_silent_client_hits_the_session_deadline(pki: CertPaths) -> None:
+    async with ke_server(pki, session_timeout=0.2) as srv:
         reader, writer = await asyncio.open_connection(LOOPBACK, srv.port)
         started = asyncio.get_running_loop().time()
         assert await read_all(reader) == b""
         assert asyncio.get_running_loop().time() - started < 3
         writer.close()
-        expect(await srv.settled(), ke_accepted=1, ke_failed=1)
+        expect(await srv.settled(), ke_accepted=1, ke_failed=1, ke_timeouts=1)
 
 
-async def test_client_without_request_hits_the_request_timeout(pki: CertPaths) -> None:
-    async with ke_server(pki, handshake_timeout=30, request_timeout=0.2) as srv:
+async def test_client_without_request_hits_the_session_deadline(pki: CertPaths) -> None:
+    async with ke_server(pki, session_timeout=0.5) as srv:
         reader, writer = await srv.tls()
         writer.write(REQUEST[:5])  # a request that never completes
         started = asyncio.get_running_loop().time()
         assert await read_all(reader) == b""
         assert asyncio.get_running_loop().time() - started < 3
         writer.close()
-        expect(await srv.settled(), ke_accepted=1, ke_failed=1)
+        expect(await srv.settled(), ke_accepted=1, ke_failed=1, ke_timeouts=1)
+
+
+async def test_the_deadline_covers_the_whole_session(pki: CertPaths) -> None:
+    """A client that keeps each phase short but trickles its request one byte at a
+    time is cut when the session's time is up, not given a fresh timeout per phase."""
+    async with ke_server(pki, session_timeout=1.0) as srv:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        reader, writer = await srv.tls()  # the handshake: well inside the second
+        writer.write(b"\x80\x01\x03\xe8")  # a record announcing 1000 bytes of body
+        ended = None
+        while loop.time() - started < 4:
+            try:
+                writer.write(b"\x00")  # one more byte of it, every 0.1 s
+                await writer.drain()
+                ended = await asyncio.wait_for(reader.read(1), 0.1)
+            except TimeoutError:
+                continue
+            except (ConnectionError, ssl.SSLError):
+                ended = b""
+            break
+        elapsed = loop.time() - started
+        writer.close()
+        assert ended == b"", "the server must end the session, not answer a partial request"
+        assert 0.9 < elapsed < 2.5, elapsed
+        expect(await srv.settled(), ke_accepted=1, ke_failed=1, ke_timeouts=1)
+
+
+def _timed_out_ending(port: int, ca: Path) -> str:
+    """How a timed-out session ends for the client: 'close_notify' or 'no close_notify'."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.set_alpn_protocols(["ntske/1"])
+    with socket.create_connection((LOOPBACK, port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost",
+                            suppress_ragged_eofs=False) as tls:
+        tls.sendall(REQUEST[:5])
+        try:
+            return "close_notify" if tls.recv(100) == b"" else "data"
+        except ssl.SSLEOFError:
+            return "no close_notify"
+
+
+async def test_both_back_ends_end_a_timed_out_session_with_close_notify(
+        pki: CertPaths) -> None:
+    async with ke_server(pki, session_timeout=0.5) as srv:
+        ending = await asyncio.to_thread(_timed_out_ending, srv.port, pki.ca_cert)
+        assert ending == "close_notify"
+        expect(await srv.settled(), ke_accepted=1, ke_failed=1, ke_timeouts=1)
+
+
+async def test_one_client_holds_only_its_share_and_others_are_served(pki: CertPaths) -> None:
+    """ntsclientconnections: a client's connections over its share are dropped at the
+    door (counted by reason) while another address still completes NTS-KE."""
+    async with ke_server(pki, client_connections=2, session_timeout=30) as srv:
+        held = [await asyncio.open_connection(LOOPBACK, srv.port) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        reader, extra = await asyncio.open_connection(LOOPBACK, srv.port)
+        assert await read_all(reader) == b""  # the third: dropped
+        extra.close()
+        # Another client (127.0.0.2) is served while 127.0.0.1 holds its two.
+        reader, writer = await srv.tls(source="127.0.0.2")
+        writer.write(REQUEST)
+        assert ke.parse_records(await read_all(reader))
+        writer.close()
+        for _, w in held:
+            w.close()
+        expect(await srv.settled(4), ke_accepted=3, ke_dropped=1, ke_drop_client=1,
+               ke_failed=2, ke_completed=1)
+        # The share is free again once they are gone.
+        reader, writer = await srv.tls()
+        writer.write(REQUEST)
+        assert ke.parse_records(await read_all(reader))
+        writer.close()
 
 
 async def test_client_hanging_up_mid_handshake_is_counted(pki: CertPaths) -> None:
@@ -263,13 +338,14 @@ async def test_connections_over_the_cap_are_dropped(pki: CertPaths) -> None:
         extra.close()
         held.close()
         settled = await srv.settled(2)
-        assert (settled["ke_dropped"], settled["ke_failed"]) == (1, 1)
+        assert (settled["ke_dropped"], settled["ke_drop_full"], settled["ke_failed"]) == (1, 1, 1)
         # The slot is free again: a real client gets its cookies.
         reader, writer = await srv.tls()
         writer.write(REQUEST)
         assert ke.parse_records(await read_all(reader))
         writer.close()
-        expect(await srv.settled(3), ke_accepted=2, ke_dropped=1, ke_failed=1, ke_completed=1)
+        expect(await srv.settled(3), ke_accepted=2, ke_dropped=1, ke_drop_full=1, ke_failed=1,
+               ke_completed=1)
 
 
 async def test_close_cuts_open_connections_and_counts_them(pki: CertPaths) -> None:
@@ -394,7 +470,7 @@ _FD_STARVED_SERVER = textwrap.dedent("""
         contexts = ServerContexts([(cert, key)], datetime.now(UTC))
         server = KeServer(contexts, KeyRing([MasterKey(1, os.urandom(32), 0)]),
                           KePolicy([AeadId.AES_SIV_CMAC_256]), StatsTable().row(),
-                          handshake_timeout=60, use_native=native)
+                          session_timeout=60, use_native=native)
         assert server.native == native
         await server.start("127.0.0.1", 0)
         loop = asyncio.get_running_loop()

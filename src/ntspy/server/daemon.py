@@ -218,6 +218,8 @@ class ServerDaemon:
                 ),
                 self.stats,
                 max_connections=self.config.maxntsconnections,
+                client_connections=self.config.ntsclientconnections,
+                session_timeout=self.config.ntssessiontimeout,
                 ratelimit=_limiter(self.config.ntsratelimit),
                 access=self.config.is_allowed,
             )

@@ -1,14 +1,21 @@
 """The NTS-KE server: TCP + TLS 1.3 around :func:`negotiation.negotiate`.
 
 Bounded in every direction: concurrent connections (``maxntsconnections``),
-per-address connection rate (``ntsratelimit``), handshake and read
-deadlines, and the KE message size. Each failure closes the connection and
-is counted; nothing a client sends can stop the server from accepting the next.
+concurrent connections per client (``ntsclientconnections``: an IPv4 address
+or an IPv6 /64), the per-client connection rate (``ntsratelimit``), one
+deadline for the whole session from accept to the last byte written
+(``ntssessiontimeout``, 2 s as chronyd's), and the KE message size.  A client
+holding idle connections therefore holds at most its share, for at most the
+session timeout each, and every other client is still served.  Each failure
+closes the connection and is counted; nothing a client sends can stop the
+server from accepting the next.
 
 Every accepted connection ends in exactly one of ``ke_completed`` (cookies
 sent), ``ke_errors`` (an Error record sent, or a refusal such as no common
-AEAD) and ``ke_failed`` (TLS failure, timeout, hang-up); a connection refused
-at the door counts as ``ke_dropped`` and in nothing else.
+AEAD) and ``ke_failed`` (TLS failure, timeout, hang-up; timeouts are also
+counted in ``ke_timeouts``).  A connection refused at the door counts as
+``ke_denied`` (allow/deny) or as ``ke_dropped``, with one reason when a limit refused it:
+``ke_drop_full``, ``ke_drop_client`` (its share), ``ke_drop_rate``.
 
 Two interchangeable ways to serve a listening socket, with the same
 answers, counters and log lines:
@@ -47,8 +54,8 @@ from .stats import ServerStats
 
 log = logging.getLogger("ntspy.server.ke")
 
-HANDSHAKE_TIMEOUT = 5.0
-REQUEST_TIMEOUT = 5.0
+SESSION_TIMEOUT = 2.0  # seconds from accept to the last byte (chronyd: 2 s too)
+CLIENT_CONNECTIONS = 8  # concurrent connections per client, default
 RECEIVE_BUFFER = 16384  # bytes per socket read: a full TLS record
 
 # Phases of a connection.
@@ -73,8 +80,8 @@ class KeServer:
         max_connections: int = 100,
         ratelimit: RateLimiter | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
-        handshake_timeout: float = HANDSHAKE_TIMEOUT,
-        request_timeout: float = REQUEST_TIMEOUT,
+        session_timeout: float = SESSION_TIMEOUT,
+        client_connections: int = CLIENT_CONNECTIONS,
         use_native: bool = True,
         access: Callable[[str], bool] | None = None,
     ) -> None:
@@ -88,8 +95,9 @@ class KeServer:
         self.max_connections = max_connections
         self.ratelimit = ratelimit
         self.random_bytes = random_bytes
-        self.handshake_timeout = handshake_timeout
-        self.request_timeout = request_timeout
+        self.session_timeout = session_timeout
+        self.client_connections = client_connections
+        self._per_client: dict[str, int] = {}  # the asyncio path's open connections
         self.use_native = use_native  # False: always the asyncio path
         self.negotiator = Negotiator(policy, keyring, random_bytes)
         self._protocols_active = 0
@@ -158,12 +166,38 @@ class KeServer:
         self.stats.add("ke_denied")
         return False
 
-    def admit(self, address: str) -> bool:
-        """Whether a new connection from ``address`` may be served (cap and rate)."""
-        if self.active >= self.max_connections:
-            return False
-        limiter = self.ratelimit
-        return limiter is None or limiter.check(address, time.monotonic_ns()) is Verdict.PASS
+    def admit(self, address: str, same: int, active: int) -> bool:
+        """Whether a new connection from ``address`` may be served, given ``same``
+        connections open now from that client and ``active`` in all; a refusal
+        is counted in ``ke_dropped`` and by its reason."""
+        if active >= self.max_connections:
+            reason = "ke_drop_full"
+        elif same >= self.client_connections:
+            reason = "ke_drop_client"
+        else:
+            limiter = self.ratelimit
+            if limiter is None or limiter.check(address, time.monotonic_ns()) is Verdict.PASS:
+                return True
+            reason = "ke_drop_rate"
+        self.stats.add("ke_dropped")
+        self.stats.add(reason)
+        return False
+
+    def timed_out_message(self, phase: str) -> str:
+        """The log words for a session that ran out of time (both back ends)."""
+        return f"NTS-KE session timed out after {self.session_timeout:g} s {phase}"
+
+
+def client_key(address: str) -> str:
+    """Who a connection counts against for ``ntsclientconnections``: an IPv4
+    address, or an IPv6 /64 (one host is usually given a whole /64)."""
+    if ":" not in address:
+        return address
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, address)
+    except OSError:
+        return address
+    return packed[:8].hex()
 
 
 # accept() errors that mean "out of descriptors or memory for now"
@@ -272,8 +306,8 @@ class KeServerProtocol(asyncio.BufferedProtocol):
         if not server.allowed(address):
             transport.abort()
             return
-        if not server.admit(address):
-            server.stats.add("ke_dropped")
+        key = client_key(address)
+        if not server.admit(address, server._per_client.get(key, 0), server.active):
             transport.abort()
             return
         try:
@@ -285,11 +319,13 @@ class KeServerProtocol(asyncio.BufferedProtocol):
             transport.abort()
             return
         server._protocols_active += 1
+        server._per_client[key] = server._per_client.get(key, 0) + 1
         server._live.add(self)
         server.stats.add("ke_accepted")
         self._phase = _HANDSHAKE
+        # One deadline for the whole session: handshake, request, answer.
         self._timer = asyncio.get_running_loop().call_later(
-            server.handshake_timeout, self._timed_out
+            server.session_timeout, self._timed_out
         )
 
     def get_buffer(self, sizehint: int) -> bytearray:
@@ -360,6 +396,12 @@ class KeServerProtocol(asyncio.BufferedProtocol):
             self._timer.cancel()
             self._timer = None
         server._protocols_active -= 1
+        key = client_key(self._address)
+        left = server._per_client.get(key, 1) - 1
+        if left > 0:
+            server._per_client[key] = left
+        else:
+            server._per_client.pop(key, None)
         server._live.discard(self)
         self._tls = None
         self._reader = None
@@ -369,11 +411,6 @@ class KeServerProtocol(asyncio.BufferedProtocol):
     def _request_phase(self) -> None:
         self._phase = _REQUEST
         self._reader = ke.RecordReader()
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(
-            self._server.request_timeout, self._timed_out
-        )
 
     def _feed(self, data: bytes) -> None:
         reader = self._reader
@@ -425,17 +462,20 @@ class KeServerProtocol(asyncio.BufferedProtocol):
 
     def _timed_out(self) -> None:
         self._timer = None
+        server = self._server
         if self._phase == _HANDSHAKE:
-            self._fail(f"TLS handshake timed out after {self._server.handshake_timeout:g} s")
+            server.stats.add("ke_timeouts")
+            self._fail(server.timed_out_message("in the TLS handshake"))
         elif self._phase == _REQUEST:
-            self._fail("timed out waiting for the NTS-KE request")
+            server.stats.add("ke_timeouts")
+            self._fail(server.timed_out_message("waiting for the request"))
+        elif self._transport is not None:
+            self._transport.abort()  # answered, but the client does not read it
 
     def _finish(self, counter: str) -> None:
-        """Count the connection's one outcome; the caller closes it."""
+        """Count the connection's one outcome; the caller closes it.  The session
+        deadline stays armed: it also bounds the closing write."""
         self._phase = _DONE
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._server.stats.add(counter)
 
     def _close(self) -> None:
@@ -506,9 +546,9 @@ def _failure_message(server: KeServer, who: str, kind: str, detail: str | bytes 
     if kind == "tls-receive":
         return f"TLS error receiving from {who}: {text}"
     if kind == "timeout-handshake":
-        return f"TLS handshake timed out after {server.handshake_timeout:g} s"
+        return server.timed_out_message("in the TLS handshake")
     if kind == "timeout-request":
-        return "timed out waiting for the NTS-KE request"
+        return server.timed_out_message("waiting for the request")
     if kind == "shutdown":
         return "server shutting down"
     return f"connection lost ({text or 'closed'})"
@@ -547,7 +587,7 @@ class _NativeListener:
         self.sock = sock
         self.engine = Engine(
             sock.fileno(), native, self.on_accept, self.on_request, self.on_failed,
-            server.handshake_timeout, server.request_timeout,
+            server.session_timeout,
         )
         self.engine.start()
 
@@ -555,19 +595,16 @@ class _NativeListener:
         self.engine.close()  # stops and joins the engine's thread first
         self.sock.close()
 
-    def on_accept(self, host: str) -> bool:
+    def on_accept(self, host: str, same: int) -> bool:
         server = self.server
         if not server.allowed(host):
             return False
         # One listener (the usual case): its engine's count is the server's.
+        # The engine counts the new connection as active already.
         active = self.engine.active if len(server._listeners) == 1 else server.active
-        limiter = server.ratelimit
-        if active <= server.max_connections and (
-            limiter is None or limiter.check(host, time.monotonic_ns()) is Verdict.PASS
-        ):
+        if server.admit(host, same, active - 1):
             server.stats.add("ke_accepted")
             return True
-        server.stats.add("ke_dropped")
         return False
 
     def on_request(self, data: bytes, eof: bool) -> bytes:
@@ -595,4 +632,6 @@ class _NativeListener:
             log.warning("NTS-KE server cannot accept connections (%s); pausing 1 s", detail)
             return
         self.server.stats.add("ke_failed")
+        if kind.startswith("timeout-"):
+            self.server.stats.add("ke_timeouts")
         log.info("NTS-KE from %s: %s", who, _failure_message(self.server, who, kind, detail))

@@ -29,7 +29,12 @@ COUNTERS: tuple[tuple[str, str], ...] = (
     ("daemon_tx", "NTP daemon TX timestamps"),
     ("kernel_rx", "NTP kernel RX timestamps"),
     ("kernel_tx", "NTP kernel TX timestamps"),
-    ("ke_denied", "NTS-KE connections denied"),  # last: the indices before it are fixed
+    # Appended: the indices before them are fixed.
+    ("ke_denied", "NTS-KE connections denied"),
+    ("ke_timeouts", "NTS-KE sessions timed out"),
+    ("ke_drop_full", "NTS-KE dropped: server full"),
+    ("ke_drop_client", "NTS-KE dropped: client cap"),
+    ("ke_drop_rate", "NTS-KE dropped: rate limit"),
 )
 _INDEX = {name: i for i, (name, _) in enumerate(COUNTERS)}
 _WIDTH = len(COUNTERS)
