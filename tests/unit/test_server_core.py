@@ -11,7 +11,7 @@ from ntspy.config import AccessRule as Rule
 from ntspy.proto.aead import Aead, AeadId
 from ntspy.proto.cookies import CookieKeys
 from ntspy.proto.ntp import Mode, NtpHeader, encode_ef, ntp_to_unix_ns, unix_ns_to_ntp
-from ntspy.proto.nts import build_request, verify_response
+from ntspy.proto.nts import EfType, build_request, encode_authenticator, verify_response
 from ntspy.server.access import AccessTable
 from ntspy.server.keys import KEY_FILE_NAME, KeyStore
 from ntspy.server.ratelimit import RateLimiter, Verdict
@@ -63,6 +63,36 @@ def test_nts_response_is_authenticated_and_not_larger() -> None:
     verified = verify_response(out, b"i" * 32, 99, S2C)
     assert len(verified.cookies) == 8
     assert table.totals()["nts_authenticated"] == 1
+
+
+def test_encrypted_cookie_placeholders_count_like_the_others() -> None:
+    """RFC 8915 s5.7: placeholders inside the encrypted part ask for one cookie each,
+    as those outside do; the response is still never larger than the request.  Both
+    the fast path and the general parser."""
+    for fastpath in (True, False):
+        r, table, store = make(fastpath=fastpath)
+        cookie = store.ring.seal(CookieKeys(AEAD, C2S.key, S2C.key), os.urandom(16))
+        for outside, inside in [(0, 1), (0, 3), (2, 2), (0, 7), (3, 9), (7, 0)]:
+            req = build_request(NtpHeader(mode=Mode.CLIENT, transmit_ts=99), b"i" * 32,
+                                cookie, outside, C2S, os.urandom(16),
+                                encrypted_placeholders=inside)
+            out = r.handle(req, "127.0.0.1", NOW, lambda: NOW)
+            assert out is not None and len(out) <= len(req)
+            verified = verify_response(out, b"i" * 32, 99, S2C)
+            assert len(verified.cookies) == min(1 + outside + inside, 8), (outside, inside)
+        # A decrypted part that is not placeholders of the cookie's size adds nothing.
+        packet = (NtpHeader(mode=Mode.CLIENT, transmit_ts=99).pack()
+                  + encode_ef(EfType.UNIQUE_IDENTIFIER, b"i" * 32)
+                  + encode_ef(EfType.NTS_COOKIE, cookie)
+                  + encode_ef(EfType.NTS_COOKIE_PLACEHOLDER, bytes(len(cookie))))
+        hidden = (encode_ef(EfType.NTS_COOKIE_PLACEHOLDER, bytes(8))  # not the cookie's size
+                  + encode_ef(0x7777, bytes(100)))  # not a placeholder
+        nonce = os.urandom(16)
+        odd = packet + encode_authenticator(nonce, C2S.seal(nonce, hidden, packet))
+        out = r.handle(odd, "127.0.0.1", NOW, lambda: NOW)
+        assert out is not None
+        assert len(verify_response(out, b"i" * 32, 99, S2C).cookies) == 2
+        assert table.totals()["nts_authenticated"] == 7
 
 
 def test_unknown_cookie_gets_nak_and_counts() -> None:

@@ -113,12 +113,16 @@ def build_request(
     placeholders: int,
     c2s: Aead,
     nonce: bytes,
+    *,
+    encrypted_placeholders: int = 0,
 ) -> bytes:
     """An authenticated NTS client request carrying one cookie.
 
     ``placeholders`` asks the server for that many extra cookies; each is sized
     like the cookie, so the response (one new cookie per cookie field) fits in
-    the same number of bytes as the request.
+    the same number of bytes as the request.  ``encrypted_placeholders`` puts
+    that many more inside the authenticator's encrypted part (RFC 8915 s5.6
+    allows either; ours go outside, as chrony's do).
     """
     packet = (
         header.pack()
@@ -126,7 +130,8 @@ def build_request(
         + encode_ef(EfType.NTS_COOKIE, cookie)
         + encode_ef(EfType.NTS_COOKIE_PLACEHOLDER, bytes(len(cookie))) * placeholders
     )
-    return packet + encode_authenticator(nonce, c2s.seal(nonce, b"", packet))
+    hidden = encode_ef(EfType.NTS_COOKIE_PLACEHOLDER, bytes(len(cookie))) * encrypted_placeholders
+    return packet + encode_authenticator(nonce, c2s.seal(nonce, hidden, packet))
 
 
 @dataclass(slots=True)
@@ -223,6 +228,24 @@ def authenticate_request(data: bytes, request: NtsRequest, c2s: Aead) -> bytes:
     Returns the decrypted extension fields (normally empty).
     """
     return c2s.open(request.nonce, request.ciphertext, data[:request.auth_offset])
+
+
+def count_encrypted_placeholders(plaintext: bytes, cookie_len: int) -> int:
+    """Cookie Placeholders among the extension fields of a request's decrypted part.
+
+    They count like those outside it (RFC 8915 s5.7 SHOULD): one more cookie
+    each.  Only placeholders the size of the cookie count; other fields, and
+    a decrypted part that is not a sequence of fields, add nothing (the
+    request is authentic, so it is still answered, with its other cookies).
+    """
+    count = 0
+    try:
+        for ef in iter_efs(plaintext, 0):
+            if ef.type == EfType.NTS_COOKIE_PLACEHOLDER and len(ef.body) == cookie_len:
+                count += 1
+    except MalformedPacket:
+        return 0
+    return count
 
 
 def response_length(uid_len: int, cookie_count: int, cookie_len: int, nonce_len: int) -> int:

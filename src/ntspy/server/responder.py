@@ -69,6 +69,7 @@ _MIN_UID_EF = EF_HEADER_LEN + nts.MIN_UNIQUE_ID_LEN
 # Shorter authenticators (20 or 24 bytes would even pass for a legacy MAC) are
 # left to the general parser.
 _MIN_AUTH_EF = 28
+_TAG_LEN = 16  # every AEAD we serve (AES-SIV-CMAC, AES-GCM-SIV) has a 16-byte tag
 _RECEIVED = counter_index("ntp_received")
 _DENIED = counter_index("ntp_denied")
 _DROPPED = counter_index("ntp_dropped")
@@ -129,7 +130,9 @@ def _parse_nts(data: bytes, n: int) -> _Layout | None:
     nonce_len, ct_len = unpack(data, pos + 4)
     nonce_end = pos + 8 + nonce_len
     ct_start = pos + 8 + _pad4(nonce_len)
-    if nonce_len == 0 or ct_len == 0 or ct_start + _pad4(ct_len) > n:
+    if nonce_len == 0 or ct_len != _TAG_LEN or ct_start + _pad4(ct_len) > n:
+        # An encrypted part that holds more than the tag carries fields (maybe
+        # Cookie Placeholders, which count): the general path reads them.
         return None
     return (uid_end, uid_end + 4, cookie_end, placeholders, pos, nonce_end, ct_start,
             ct_start + ct_len)
@@ -577,7 +580,7 @@ class Responder:
         try:
             keys = self.keyring.open(request.cookie)
             c2s = self._aeads.get(keys.aead_id, keys.c2s)
-            nts.authenticate_request(data, request, c2s)
+            plaintext = nts.authenticate_request(data, request, c2s)
         except (AuthenticationFailure, MalformedPacket, LookupError):
             # RFC 8915 s5.7: a cookie we cannot use, or a request that does not
             # authenticate, gets a NAK so the client knows to redo NTS-KE.
@@ -585,6 +588,9 @@ class Responder:
             stats.add("nts_naks")
             reply.transmit_ts = unix_ns_to_ntp(tx_clock())
             return nts.build_nak(reply, request.unique_id)
+        if plaintext:
+            request.placeholders += nts.count_encrypted_placeholders(plaintext,
+                                                                     len(request.cookie))
         s2c = self._aeads.get(keys.aead_id, keys.s2c)
         nonce_len = info(keys.aead_id).nonce_length
         count = nts.response_cookie_count(
