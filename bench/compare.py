@@ -219,6 +219,7 @@ def start_server(name: str, work: Path, pki: Path, settings: Settings,
         conf = _write(d / "ntspy.conf", [
             *common, "local stratum 2", f"ntsprocesses {workers}",
             f"bindcmdaddress {d / 'ntspy.sock'}",
+            "cmdport 0",
         ])
         argv = [*pin, sys.executable, "-m", "ntspy", "serve", "-f", str(conf),
                 "--log-level", "warning"]

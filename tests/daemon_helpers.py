@@ -101,6 +101,7 @@ class ClientProc:
             f"ntsdumpdir {self.dumpdir}",
             f"driftfile {self.driftfile}",
             f"bindcmdaddress {self.socket_path}",
+            "cmdport 0",
             f"pidfile {self.directory / 'client.pid'}",
             *self.extra_lines,
         ]

@@ -200,6 +200,7 @@ def write_server_config(
         f"ntsdumpdir {dumpdir}",
         f"ntsprocesses {ntsprocesses}",
         f"bindcmdaddress {directory / 'ntspy.sock'}",
+        "cmdport 0",
         f"pidfile {directory / 'ntspy.pid'}",
         *extra_lines,
     ]

@@ -160,6 +160,8 @@ class Config:
     maxslewrate: float = 83333.333
     maxdrift: float = 500000.0
     bindcmdaddress: list[str] = field(default_factory=list)
+    cmdport: int = 323
+    """chrony's UDP command port (0: none), on ``bindcmdaddress`` or 127.0.0.1 and ::1."""
     maxchange: tuple[float, int, int] | None = None
     """chrony's ``maxchange offset start ignore``."""
     leapsectz: str | None = None
@@ -482,7 +484,7 @@ def _within(inner: IPNetwork, outer: IPNetwork) -> bool:
 IGNORED_DIRECTIVES = frozenset(
     {
         "acquisitionport", "bindacqaddress", "bindacqdevice", "bindcmddevice",
-        "clientloglimit", "clockprecision", "cmdallow", "cmddeny", "cmdport",
+        "clientloglimit", "clockprecision", "cmdallow", "cmddeny",
         "cmdratelimit", "dscp", "dumpdir",
         "fallbackdrift", "hwclockfile", "hwtimestamp", "keyfile", "leapsecmode",
         "leapseclist", "lock_all", "logchange", "mailonchange", "manual",
@@ -809,6 +811,10 @@ class _Parser:
                 f"invalid mode {_show(args[0])} (one of {', '.join(AUTHSELECT_MODES)})"
             )
         self.config.authselectmode = mode
+
+    def d_cmdport(self, where: _Where, args: list[str], depth: int) -> None:
+        _nargs(where, args, 1)
+        self.config.cmdport = _int(where, args[0], "port", 0, 65535)
 
     def d_bindcmdaddress(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 1)

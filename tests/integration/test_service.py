@@ -35,7 +35,7 @@ def test_a_daemon_that_should_steer_the_clock_refuses_without_cap_sys_time(
         server: ServerProc, tmp_path: Path) -> None:
     conf = tmp_path / "client.conf"
     conf.write_text(f"server {LOOPBACK} port {server.ntp_port} {POLL}\n"
-                    f"bindcmdaddress {tmp_path / 'client.sock'}\n"
+                    f"bindcmdaddress {tmp_path / 'client.sock'}\ncmdport 0\n"
                     f"pidfile {tmp_path / 'client.pid'}\n")
     # Without -x: it must exit at once with a clear message, not poll and fail forever.
     out = subprocess.run([*NO_SYS_TIME, sys.executable, "-m", "ntspy", "run", "-f", str(conf)],
@@ -293,7 +293,7 @@ def test_a_port_in_use_is_named_with_its_protocol(server: ServerProc, tmp_path: 
     conf = tmp_path / "second.conf"
     conf.write_text(f"port {server.ntp_port}\nbindaddress {LOOPBACK}\nallow 127.0.0.1\n"
                     f"ntsport 0\npidfile {tmp_path / 'second.pid'}\n"
-                    f"bindcmdaddress {tmp_path / 'second.sock'}\n")
+                    f"bindcmdaddress {tmp_path / 'second.sock'}\ncmdport 0\n")
     out = subprocess.run([*NO_SYS_TIME, sys.executable, "-m", "ntspy", "serve", "-f", str(conf)],
                          capture_output=True, text=True, timeout=30, check=False,
                          stdin=subprocess.DEVNULL)
@@ -312,7 +312,7 @@ def test_a_low_port_without_privilege_names_the_capability() -> None:
     assert start > 1, "this kernel lets anyone bind any port: nothing to refuse"
     port = min(123, start - 1)
     conf.write_text(f"port {port}\nbindaddress {LOOPBACK}\nallow 127.0.0.1\nntsport 0\n"
-                    f"pidfile {top / 'low.pid'}\nbindcmdaddress {top / 'low.sock'}\n")
+                    f"pidfile {top / 'low.pid'}\nbindcmdaddress {top / 'low.sock'}\ncmdport 0\n")
     conf.chmod(0o644)
     # As an unprivileged user (setpriv), binding port 123 must fail and say why.
     out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",

@@ -64,7 +64,7 @@ def test_ntspy_run_tells_systemd_it_is_ready(tmp_path: Path, attempt: int) -> No
     sock, path = notify_listener(tmp_path)
     conf = tmp_path / "client.conf"
     conf.write_text(f"server {LOOPBACK} port {server.ntp_port} {POLL}\n"
-                    f"bindcmdaddress {tmp_path / 'client.sock'}\n"
+                    f"bindcmdaddress {tmp_path / 'client.sock'}\ncmdport 0\n"
                     f"pidfile {tmp_path / 'client.pid'}\n")
     proc = subprocess.Popen([*NO_SYS_TIME, sys.executable, "-m", "ntspy", "run", "-x", "-n",
                              "-f", str(conf)], env={**os.environ, "NOTIFY_SOCKET": str(path)},

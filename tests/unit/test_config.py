@@ -508,14 +508,15 @@ def test_local_alone_means_stratum_10() -> None:
 def test_ignored_and_newer_chrony_options_are_reported_with_lines() -> None:
     config = parse_config(
         "rtcsync\nlogdir /var/log/chrony\nlog tracking\nlocal activate 0.5\n"
-        "driftfile /d interval 3600\ncmdport 0\n"
+        "driftfile /d interval 3600\ncmdallow 10.0.0.0/8\ncmdport 0\n"
     )
     assert config.ignored == [
         ("<config>", 4, "local activate"),
         ("<config>", 5, "driftfile interval"),
-        ("<config>", 6, "cmdport"),
+        ("<config>", 6, "cmdallow"),
     ]
     assert config.local_stratum == 10 and config.driftfile == Path("/d")
+    assert config.cmdport == 0  # acted on: the UDP command port
 
 
 def test_ignored_lines_of_an_included_file_name_that_file(tmp_path: Path) -> None:

@@ -124,3 +124,24 @@ def test_naks_without_an_authenticated_answer_back_off_doubling() -> None:
     assert kes <= 9, kes  # 16 s, 32 s, ... up to 2^12 s within the hour
     m.answered()  # one authenticated answer ends the back-off run
     assert m.ke.attempts == 0
+
+
+def test_burst_polls_every_2_s_until_enough_answers_or_polls() -> None:
+    """chronyc's burst good/max: answers end it after ``good``, silence after ``max``."""
+    m = SourceMachine(6, 10)
+    m.begin_poll(0.0, have_keys=False)
+    assert m.interval() == 64.0
+    m.burst(2, 4)
+    assert m.bursting and m.interval() == IBURST_INTERVAL
+    m.begin_poll(1.0, have_keys=False)
+    m.answered()
+    assert m.bursting
+    m.begin_poll(3.0, have_keys=False)
+    m.answered()
+    assert not m.bursting and m.interval() == 64.0  # two good answers: done
+    m.burst(3, 3)  # no answers at all: ends after three polls
+    for i in range(3):
+        assert m.bursting
+        m.begin_poll(10.0 + 2 * i, have_keys=False)
+        m.advise(-8.0)  # burst samples do not move the interval
+    assert not m.bursting and m.poll == 6

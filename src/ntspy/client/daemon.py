@@ -12,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..clock import ClockControl, SlewingClock
-from ..config import Config, SourceConfig, load_sources_dir
+from ..config import Config, SourceConfig, load_sources_dir, parse_source_line
 from ..errors import ConfigError, NtsError, StateFileError
 from ..leapsec import leap_at_end_of_day, zone_knows_leap_seconds
 from ..net.dns import TYPE_A, TYPE_AAAA, Resolver
@@ -31,7 +33,14 @@ from ..sync.discipline import Discipline, Tracking, apply_action, format_drift, 
 from ..sync.engine import Decision, SyncEngine
 from ..sync.filter import UNKNOWN_SKEW_PPM
 from ..sync.sanity import SampleLimits
-from ..sync.select import AuthSelectMode, SelectConfig, Selection, SourceState
+from ..sync.select import (
+    AuthSelectMode,
+    Candidate,
+    SelectConfig,
+    Selection,
+    SourceState,
+    effective_options,
+)
 from .logfiles import ChronyLogs
 from .session import Measurement
 from .source import Source, exchange_of
@@ -135,6 +144,11 @@ class ClientDaemon:
         self._pools: dict[tuple[str, int, bool], _PoolState] = {}
         self._pool_task: asyncio.Task[None] | None = None
         self._tasks: dict[Source, asyncio.Task[None]] = {}
+        self._wake: dict[Source, asyncio.Event] = {}
+        self.added_sources: list[SourceConfig] = []
+        """Sources added with ``ntspy ctl add``: kept across ``reload sources``."""
+        self._deleted: set[tuple[str, int, bool]] = set()
+        """Configured sources removed with ``ntspy ctl delete``: not brought back by a reload."""
         self._resolver = self.options.resolver
         self._started = time.monotonic()
         self.on_update: list[Any] = []  # callbacks(selection, tracking), e.g. the server
@@ -160,7 +174,8 @@ class ClientDaemon:
                 log.error("sourcedir %s: %s (line ignored)", directory, exc)
                 if rejected is not None:
                     rejected.append(str(exc))
-        return sources
+        sources = [c for c in sources if _identity(c) not in self._deleted]
+        return sources + self.added_sources
 
     async def _make_sources(self, configs: list[SourceConfig]) -> list[Source]:
         made: list[Source] = []
@@ -283,6 +298,7 @@ class ClientDaemon:
         return {"added": len(new), "removed": removed, "rejected": rejected}
 
     async def _remove(self, src: Source) -> None:
+        self._wake.pop(src, None)
         task = self._tasks.pop(src, None)
         while task is not None and not task.done():
             # Python 3.11's wait_for can swallow a cancellation that meets a
@@ -341,9 +357,12 @@ class ClientDaemon:
         self._spawn(src)
 
     async def _run_source(self, src: Source) -> None:
+        wake = self._wake.setdefault(src, asyncio.Event())
         while True:
+            wake.clear()  # before the round: a wake-up during it is not lost
             try:
-                await self._poll_round(src)
+                if src.online:
+                    await self._poll_round(src)
             except Exception as exc:
                 # Whatever a round raises, the source keeps being polled. Each
                 # kind of failure is logged once with its traceback, then counted.
@@ -355,7 +374,11 @@ class ClientDaemon:
                     log.exception("%s: poll round failed (round skipped, polling goes on)",
                                   src.name)
             self._end_if_asked()
-            await asyncio.sleep(src.interval())
+            # Until the next poll, or a command (burst, online) that wants one now;
+            # an offline source waits for ``online`` only.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(src.interval() if src.online else None):
+                    await wake.wait()
 
     async def _poll_round(self, src: Source) -> None:
         """One poll of ``src`` and what it does to selection and the clock."""
@@ -638,6 +661,211 @@ class ClientDaemon:
             except OSError as exc:
                 log.error("cannot step the clock: %s", exc)
 
+    # -- commands (ntspy ctl, chronyc) -------------------------------------------
+
+    def matching(self, spec: str | None) -> list[Source]:
+        """The sources a command's ADDRESS names: all for None; else those whose
+        address, name or configured name is ``spec``, or whose address lies in
+        ``spec`` written as ADDRESS/PREFIX or chronyc's MASK/ADDRESS."""
+        if spec is None:
+            return list(self.sources)
+        network = _network(spec)
+        found = []
+        for src in self.sources:
+            if spec in (src.address, src.name, src.cfg.name):
+                found.append(src)
+                continue
+            try:
+                address = ipaddress.ip_address(src.address)
+            except ValueError:
+                continue
+            if network is not None and address.version == network.version \
+                    and address in network:
+                found.append(src)
+        return found
+
+    def _wake_up(self, src: Source) -> None:
+        wake = self._wake.get(src)
+        if wake is not None:
+            wake.set()
+
+    async def add_source(self, words: list[str]) -> dict[str, Any]:
+        """``add server|pool HOST [options]``: a real source (NTS, cookies, dumps) from
+        now on, kept by ``reload sources``, gone at restart (as with chronyc)."""
+        if len(words) < 2 or words[0] not in ("server", "pool", "peer"):
+            raise NtsError("usage: add server|pool HOST [option]...")
+        if words[0] == "peer":
+            raise NtsError("peer sources are not supported (symmetric mode)")
+        try:
+            cfg = parse_source_line(words[1:], words[0] == "pool", "ntspy ctl add", 1)
+        except ConfigError as exc:
+            raise NtsError(str(exc)) from None
+        if any(_identity(s.cfg) == _identity(cfg) for s in self.sources) or \
+                any(_identity(c) == _identity(cfg) for c in self.added_sources):
+            raise NtsError(f"source {cfg.name} already present")
+        self._deleted.discard(_identity(cfg))
+        self.added_sources.append(cfg)
+        new = await self._make_sources([cfg])
+        for src in new:
+            self.sources.append(src)
+            self._spawn(src)
+        log.info("Added %s %s%s (ntspy ctl add)", "pool" if cfg.pool else "source", cfg.name,
+                 f" ignoring {', '.join(cfg.ignored_options)}" if cfg.ignored_options else "")
+        return {"added": [s.name for s in new], "ignored_options": cfg.ignored_options}
+
+    async def delete_source(self, spec: str) -> dict[str, Any]:
+        """``delete ADDRESS``: stop polling it, keep its cookies on disk."""
+        found = self.matching(spec)
+        if not found:
+            raise NtsError(f"no such source {spec}")
+        for src in found:
+            await self._remove(src)
+            log.info("Removed source %s (ntspy ctl delete)", src.name)
+            ident = _identity(src.cfg)
+            if not any(_identity(s.cfg) == ident for s in self.sources):
+                self.added_sources = [c for c in self.added_sources if _identity(c) != ident]
+                self._deleted.add(ident)
+                if src.cfg.pool:
+                    self._pools.pop(_pool_key(src.cfg), None)
+        return {"removed": [s.name for s in found]}
+
+    def burst(self, good: int, total: int, spec: str | None = None) -> dict[str, int]:
+        """``burst [good/max] [ADDRESS]``: polls 2 s apart for a while, from now."""
+        if not 0 < good <= total <= 2048:
+            raise NtsError("burst: need 0 < good <= max <= 2048")
+        found = self.matching(spec)
+        for src in found:
+            src.machine.burst(good, total)
+            self._wake_up(src)
+        return {"sources": len(found)}
+
+    def set_online(self, online: bool, spec: str | None = None) -> dict[str, int]:
+        """``online``/``offline [ADDRESS]``: an offline source sends nothing."""
+        found = self.matching(spec)
+        for src in found:
+            if src.online != online:
+                src.online = online
+                log.info("Source %s %s", src.name, "online" if online else "offline")
+            self._wake_up(src)
+        return {"sources": len(found)}
+
+    def make_step(self, args: list[str]) -> dict[str, Any]:
+        """``makestep``: step the clock now by the correction still being slewed;
+        ``makestep THRESHOLD LIMIT``: set the automatic step as the directive does."""
+        if args:
+            if len(args) != 2:
+                raise NtsError("usage: makestep [threshold limit]")
+            try:
+                threshold, limit = float(args[0]), int(args[1])
+            except ValueError:
+                raise NtsError("usage: makestep [threshold limit]") from None
+            if not math.isfinite(threshold) or threshold < 0:
+                raise NtsError("makestep: the threshold must be a number of seconds >= 0")
+            self.discipline.makestep = (threshold, limit)
+            return {"threshold": threshold, "limit": limit}
+        if not self.clock.can_control:
+            raise NtsError("makestep: clock control is off (-x)")
+        if isinstance(self.clock, SlewingClock):
+            left = self.clock.finish()
+        else:
+            left = self.clock.pending_slew_s()
+            if left:
+                self.clock.slew(-left, 0.0)
+        if left:
+            try:
+                self.clock.step(left)
+            except OSError as exc:
+                raise NtsError(f"makestep: cannot step the clock: {exc}") from None
+            log.warning("System clock wrong by %.6f seconds, stepping (makestep)", -left)
+        return {"stepped": left}
+
+    def activity(self) -> dict[str, int]:
+        """chronyc activity's five counts."""
+        rows = {"online": 0, "offline": 0, "burst_online": 0, "burst_offline": 0,
+                "unresolved": 0}
+        for src in self.sources:
+            if not src.resolved:
+                rows["unresolved"] += 1
+            elif src.machine.bursting:
+                rows["burst_online" if src.online else "burst_offline"] += 1
+            else:
+                rows["online" if src.online else "offline"] += 1
+        return rows
+
+    def selectdata_view(self) -> list[dict[str, Any]]:
+        """Per source what selection made of it (chronyc selectdata)."""
+        now_ns = self.disciplined_now()
+        mono = time.monotonic()
+        selection = self.selection
+        states = selection.states if selection else {}
+        cfg = self.select_config
+        candidates = [Candidate(name=s.key, offset=0.0, distance=0.0,
+                                authenticated=s.cfg.nts, prefer=s.cfg.prefer,
+                                noselect=s.cfg.noselect, trust=s.cfg.trust,
+                                require=s.cfg.require) for s in self.sources]
+        effective = effective_options(candidates, cfg.authselectmode)
+        rows = []
+        for src, eff in zip(self.sources, effective, strict=True):
+            st = src.stats
+            state = states.get(src.key, SourceState.UNUSABLE)
+            has = st.np > 0 and src.last is not None
+            distance = src.root_distance(now_ns) if has else 0.0
+            offset = -st.offset_at(now_ns) if has else 0.0
+            score = None
+            if has:
+                score = distance + cfg.stratum_weight * (src.last.stratum if src.last else 0)
+                if selection is None or selection.selected != src.key:
+                    score += cfg.reselect_dist
+            rows.append({
+                "name": src.name, "configured": src.cfg.name, "address": src.address,
+                "state": _select_letter(state, src, eff.noselect, distance, cfg.max_distance),
+                "authenticated": src.cfg.nts,
+                "conf_options": _options_text(src.cfg.noselect, src.cfg.prefer, src.cfg.trust,
+                                              src.cfg.require),
+                "eff_options": _options_text(eff.noselect, src.cfg.prefer, eff.trust,
+                                             eff.require),
+                "last": mono - src.last_rx if src.last_rx is not None else None,
+                "score": score,
+                "low": offset - distance, "high": offset + distance,
+                "leap": src.last.leap if src.last else int(Leap.UNSYNCHRONIZED),
+            })
+        return rows
+
+    def dump(self) -> dict[str, int]:
+        """chronyc dump: every source's NTS state and the drift file, now."""
+        for src in self.sources:
+            src.save_dump()
+        self._save_drift()
+        return {"sources": len(self.sources)}
+
+    def cycle_logs(self) -> None:
+        """chronyc cyclelogs: close the log files; the next line opens them anew
+        (after logrotate moved them)."""
+        self.logs.close()
+
+    async def refresh(self) -> dict[str, int]:
+        """chronyc refresh: resolve the sources given by name again; one whose name
+        now points elsewhere moves there (new NTS-KE with the new server)."""
+        moved = 0
+        self._resolver = self._resolver or Resolver()
+        for src in list(self.sources):
+            if src.cfg.pool or not src.resolved or _is_address(src.cfg.name):
+                continue
+            try:
+                addresses = await self._resolver.resolve(src.cfg.name, self.options.families)
+            except NtsError as exc:
+                log.warning("%s: refresh: %s", src.name, exc)
+                continue
+            if addresses and src.address not in addresses:
+                log.info("Source %s moves from %s to %s (refresh)", src.name, src.address,
+                         addresses[0])
+                src.save_dump()
+                src.session.close()
+                src.set_address(addresses[0])
+                src.load_dump(time.monotonic())
+                moved += 1
+        return {"sources": moved}
+
     # -- status ---------------------------------------------------------------
 
     def source_by_key(self, key: str) -> Source:
@@ -660,6 +888,7 @@ class ClientDaemon:
             rows.append({
                 "name": src.name,
                 "configured": src.cfg.name,
+                "address": src.address,
                 "mode": "^",
                 "state": str(states.get(src.key, SourceState.UNUSABLE)),
                 "stratum": src.last.stratum if src.last else 0,
@@ -671,6 +900,9 @@ class ClientDaemon:
                 "measured_offset": -src.last.offset if src.last else 0.0,
                 "error": src.root_distance(now_ns) if has else 0.0,
                 "nts": src.cfg.nts,
+                "options": {"noselect": src.cfg.noselect, "prefer": src.cfg.prefer,
+                            "trust": src.cfg.trust, "require": src.cfg.require},
+                "online": src.online,
                 "last_error": src.last_error,
             })
         return rows
@@ -681,7 +913,8 @@ class ClientDaemon:
         for src in self.sources:
             st = src.stats
             rows.append({
-                "name": src.name, "configured": src.cfg.name, "np": st.np, "nr": st.nr,
+                "name": src.name, "configured": src.cfg.name, "address": src.address,
+                "np": st.np, "nr": st.nr,
                 "span": st.span, "frequency_ppm": st.frequency_ppm,
                 "skew_ppm": st.skew_ppm if math.isfinite(st.skew_ppm) else None,
                 "offset": -st.offset_at(now_ns) if st.np else 0.0,
@@ -702,6 +935,7 @@ class ClientDaemon:
             rows.append({
                 "name": src.name, "remote_address": m.address, "remote_port": m.port,
                 "leap": m.leap, "version": m.version, "mode": 4, "stratum": m.stratum,
+                "reference_id_raw": _refid_number(m.reference_id),
                 "poll": m.poll, "precision": m.precision, "root_delay": m.root_delay,
                 "root_dispersion": m.root_dispersion, "reference_id": m.reference_id,
                 "reference_time_ns": m.reference_time_ns, "offset": -m.offset,
@@ -727,6 +961,62 @@ class ClientDaemon:
         return (int(t.leap) if t.leap != Leap.UNSYNCHRONIZED else 0, t.stratum, t.root_delay,
                 t.root_dispersion, refid,
                 unix_ns_to_ntp(t.ref_time_ns) if t.ref_time_ns else 0)
+
+
+def _identity(cfg: SourceConfig) -> tuple[str, int, bool]:
+    return (cfg.name, cfg.port, cfg.nts)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _network(spec: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """ADDRESS/PREFIX, or chronyc's MASK/ADDRESS (255.255.255.0/192.168.1.0), as a network."""
+    if "/" not in spec:
+        return None
+    left, right = spec.split("/", 1)
+    try:
+        if re.fullmatch(r"\d+", right):
+            return ipaddress.ip_network(spec, strict=False)
+        mask = ipaddress.ip_address(left)
+        address = ipaddress.ip_address(right)
+        prefix = bin(int(mask)).count("1")
+        return ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+    except ValueError:
+        return None
+
+
+def _options_text(noselect: bool, prefer: bool, trust: bool, require: bool) -> str:
+    """chronyc selectdata's option column: N P T R, '-' where unset."""
+    return "".join(c if on else "-" for c, on in
+                   (("N", noselect), ("P", prefer), ("T", trust), ("R", require)))
+
+
+def _select_letter(state: SourceState, src: Source, noselect: bool, distance: float,
+                   max_distance: float) -> str:
+    """chronyc selectdata's state letter from what selection decided."""
+    if state is SourceState.SELECTED:
+        return "*"
+    if state is SourceState.COMBINED:
+        return "+"
+    if state is SourceState.FALSETICKER:
+        return "x"
+    if state is SourceState.JITTERY:
+        return "~"
+    if state is SourceState.NOT_COMBINED:
+        return "D"  # a truechimer too distant to be combined
+    if noselect:
+        return "N"
+    if src.stats.np == 0:
+        return "M"
+    if distance > max_distance:
+        return "d"
+    return "s" if src.last is not None and src.last.leap == Leap.UNSYNCHRONIZED else "M"
 
 
 def _refid_number(text: str) -> int:

@@ -54,8 +54,9 @@ class KeStatus:
 class SourceMachine:
     """Poll interval, burst, NTS-KE back-off and refresh of one source."""
 
-    __slots__ = ("_in_burst", "_nak_streak", "_score", "backoff_scale", "iburst_left", "ke",
-                 "maxpoll", "minpoll", "nts", "ntsrefresh", "poll", "polls")
+    __slots__ = ("_burst_good", "_burst_total", "_in_burst", "_nak_streak", "_score",
+                 "backoff_scale", "iburst_left", "ke", "maxpoll", "minpoll", "nts", "ntsrefresh",
+                 "poll", "polls")
 
     def __init__(self, minpoll: int, maxpoll: int, *, iburst: bool = False, nts: bool = False,
                  ntsrefresh: float = 2419200.0, backoff_scale: float = 1.0) -> None:
@@ -70,6 +71,8 @@ class SourceMachine:
         self.ke = KeStatus()
         self._score = PollScore()
         self._in_burst = False
+        self._burst_good = 0
+        self._burst_total = 0
         self._nak_streak = 0
 
     # -- a poll ----------------------------------------------------------------
@@ -77,9 +80,11 @@ class SourceMachine:
     def begin_poll(self, now: float, have_keys: bool) -> Step:
         """A poll starts at ``now``; ``have_keys`` = NTS keys and a cookie in hand."""
         self.polls += 1
-        self._in_burst = self.iburst_left > 0
-        if self._in_burst:
+        self._in_burst = self.iburst_left > 0 or self.bursting
+        if self.iburst_left > 0:
             self.iburst_left -= 1
+        elif self.bursting:
+            self._burst_total -= 1
         if not self.nts:
             return Step.SEND
         refresh_due = (self.ke.last_success is not None
@@ -120,6 +125,8 @@ class SourceMachine:
 
     def answered(self) -> None:
         """The poll got an answer the session accepted."""
+        if self._in_burst and self._burst_good > 0:
+            self._burst_good -= 1
         if self.nts:
             self.ke.attempts = 0
             self._nak_streak = 0  # only an authenticated answer ends a NAK run
@@ -138,6 +145,17 @@ class SourceMachine:
             return
         self.poll = self._score.step(advice, self.poll, self.minpoll, self.maxpoll)
 
+    def burst(self, good: int, total: int) -> None:
+        """chronyc's ``burst good/max``: polls 2 s apart until ``good`` answers came
+        or ``total`` polls were sent, then back to the poll interval."""
+        self._burst_good = max(0, good)
+        self._burst_total = max(0, total)
+
+    @property
+    def bursting(self) -> bool:
+        """Whether a ``burst`` is under way."""
+        return self._burst_good > 0 and self._burst_total > 0
+
     def rekey(self) -> None:
         """``rekey``: the next poll does NTS-KE without waiting for a back-off."""
         self.ke.retry_at = 0.0
@@ -151,6 +169,6 @@ class SourceMachine:
 
     def interval(self) -> float:
         """Seconds from the poll just done to the next one."""
-        if self.iburst_left > 0 and self.polls > 0:
+        if (self.iburst_left > 0 and self.polls > 0) or self.bursting:
             return min(IBURST_INTERVAL, 2.0 ** self.poll)
         return 2.0 ** self.poll

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..clock import ClockAdjtimeError, ClockControl, MeasureOnlyClock, SystemClockControl
 from ..config import Config, load_config, parse_config
-from ..control.protocol import ControlServer
+from ..control.protocol import ControlServer, udp_addresses
 from ..errors import CertificateError, ConfigError, NtsError
 from ..net.dns import TYPE_A, TYPE_AAAA
 from ..pidfile import AlreadyRunning, PidFile
@@ -213,12 +213,12 @@ async def _serve(config: Config, clock: ClockControl, options: ClientOptions) ->
         server.load_credentials()
         await server.start()
         client.on_update.append(_follow(server, client))
-    handlers = control_handlers(client, server)
-    control = ControlServer(control_path(config), handlers)
+    stop = asyncio.Event()
+    handlers = control_handlers(client, server, shutdown=stop.set)
+    control = ControlServer(control_path(config), handlers, udp_addresses(config))
     await control.start()
     await client.start()  # reads the saved cookies: before the switch, they are root's
     _drop_privileges(config, keep_sys_time=clock.can_control)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -277,7 +277,24 @@ def _follow(server: ServerDaemon, client: ClientDaemon) -> Any:
     return update
 
 
-def control_handlers(client: ClientDaemon, server: ServerDaemon | None) -> dict[str, Any]:
+def _burst_args(args: list[str]) -> tuple[int, int, str | None]:
+    """chronyc's ``burst [good/max] [ADDRESS]`` (default 4/8)."""
+    good, total, rest = 4, 8, list(args)
+    if rest and "/" in rest[0] and all(p.isdigit() for p in rest[0].split("/", 1)):
+        good, total = (int(p) for p in rest.pop(0).split("/", 1))
+    if len(rest) > 1:
+        raise NtsError("usage: burst [good/max] [address]")
+    return good, total, rest[0] if rest else None
+
+
+def _one_address(command: str, args: list[str]) -> str | None:
+    if len(args) > 1:
+        raise NtsError(f"usage: {command} [address]")
+    return args[0] if args else None
+
+
+def control_handlers(client: ClientDaemon, server: ServerDaemon | None,
+                     shutdown: Any = None) -> dict[str, Any]:
     async def sources(args: list[str]) -> list[dict[str, Any]]:
         return client.sources_view()
 
@@ -315,9 +332,55 @@ def control_handlers(client: ClientDaemon, server: ServerDaemon | None) -> dict[
                 count += 1
         return {"sources": count}
 
+    async def add(args: list[str]) -> dict[str, Any]:
+        return await client.add_source(args)
+
+    async def delete(args: list[str]) -> dict[str, Any]:
+        if len(args) != 1:
+            raise NtsError("usage: delete address")
+        return await client.delete_source(args[0])
+
+    async def burst(args: list[str]) -> dict[str, int]:
+        return client.burst(*_burst_args(args))
+
+    async def online(args: list[str]) -> dict[str, int]:
+        return client.set_online(True, _one_address("online", args))
+
+    async def offline(args: list[str]) -> dict[str, int]:
+        return client.set_online(False, _one_address("offline", args))
+
+    async def makestep(args: list[str]) -> dict[str, Any]:
+        return client.make_step(args)
+
+    async def activity(args: list[str]) -> dict[str, int]:
+        return client.activity()
+
+    async def selectdata(args: list[str]) -> list[dict[str, Any]]:
+        return client.selectdata_view()
+
+    async def dump(args: list[str]) -> dict[str, int]:
+        return client.dump()
+
+    async def cyclelogs(args: list[str]) -> dict[str, bool]:
+        client.cycle_logs()
+        return {"cycled": True}
+
+    async def refresh(args: list[str]) -> dict[str, int]:
+        return await client.refresh()
+
+    async def stop(args: list[str]) -> dict[str, bool]:
+        if shutdown is None:
+            raise NtsError("shutdown is not available here")
+        log.info("shutdown requested over the control socket")
+        asyncio.get_running_loop().call_soon(shutdown)  # after this answer is sent
+        return {"shutting_down": True}
+
     handlers: dict[str, Any] = {
         "sources": sources, "sourcestats": sourcestats, "tracking": tracking,
         "authdata": authdata, "ntpdata": ntpdata, "reload": reload, "rekey": rekey,
+        "add": add, "delete": delete, "burst": burst, "online": online, "offline": offline,
+        "makestep": makestep, "activity": activity, "selectdata": selectdata, "dump": dump,
+        "cyclelogs": cyclelogs, "refresh": refresh, "shutdown": stop,
     }
     if server is not None:
         handlers.update(server.control_handlers())

@@ -66,6 +66,8 @@ class Source:
         self.last_rx: float | None = None  # monotonic
         self.last: Measurement | None = None
         self.last_error = ""
+        self.online = True
+        """``ntspy ctl offline``/``online``: an offline source is not polled."""
         self.errors = 0
         """Poll rounds of this source that raised (bugs; logged once per kind)."""
         self.logged_errors: set[str] = set()
@@ -263,7 +265,8 @@ class Source:
 
     def authdata(self, now: float) -> dict[str, Any]:
         row: dict[str, Any] = {
-            "name": self.name, "configured": self.cfg.name, "mode": "-", "key_id": 0,
+            "name": self.name, "configured": self.cfg.name, "address": self.address,
+            "mode": "-", "key_id": 0,
             "type": 0, "key_bits": 0, "last": None, "attempts": 0, "naks": 0,
             "cookies": 0, "cookie_length": 0,
         }

@@ -30,8 +30,13 @@ from .format import (
 )
 from .protocol import DEFAULT_SOCKET, ControlError, request
 
-COMMANDS = ("sources", "sourcestats", "tracking", "authdata", "ntpdata", "serverstats",
-            "serverkeys", "reload", "rekey", "waitsync")
+COMMANDS = ("sources", "sourcestats", "tracking", "authdata", "ntpdata", "selectdata",
+            "activity", "serverstats", "serverkeys", "clients", "add", "delete", "burst",
+            "online", "offline", "makestep", "reload", "rekey", "refresh", "dump", "cyclelogs",
+            "shutdown", "waitsync")
+# What chronyc prints for a command that changes something and worked.
+_DONE = ("add", "delete", "burst", "online", "offline", "makestep", "refresh", "dump",
+         "cyclelogs", "shutdown")
 LEAP_NAMES = {0: "Normal", 1: "Insert second", 2: "Delete second", 3: "Not synchronised"}
 
 
@@ -45,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the column legend first (sources, sourcestats, authdata)")
     parser.add_argument("subcommand", choices=COMMANDS, metavar="COMMAND",
                         help="one of: " + ", ".join(COMMANDS))
-    parser.add_argument("args", nargs="*", help="arguments of the command (reload sources)")
+    parser.add_argument("args", nargs=argparse.REMAINDER,
+                        help="arguments of the command (add server HOST [options], delete "
+                             "ADDRESS, burst [good/max] [ADDRESS], reload sources, ...)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,7 +165,43 @@ def render(command: str, result: Any, configured: bool = False, verbose: bool = 
         return f"{result['added']} sources added, {result['removed']} removed\n"
     if command == "rekey":
         return f"NTS-KE will be redone for {result['sources']} sources\n"
+    if command == "activity":
+        return ("200 OK\n"
+                f"{result['online']} sources online\n"
+                f"{result['offline']} sources offline\n"
+                f"{result['burst_online']} sources doing burst (return to online)\n"
+                f"{result['burst_offline']} sources doing burst (return to offline)\n"
+                f"{result['unresolved']} sources with unknown address\n")
+    if command == "selectdata":
+        return render_selectdata(result, configured)
+    if command in _DONE:
+        return "200 OK\n"
     return json.dumps(result, indent=2) + "\n"
+
+
+SELECTDATA_HEADER = "S Name/IP Address        Auth COpts EOpts Last Score     Interval  Leap"
+_LEAP_LETTERS = {0: "N", 1: "+", 2: "-", 3: "?"}
+
+
+def _short(seconds: float) -> str:
+    """A signed interval end as chronyc prints them (+8329us, -12ms, +1.5s)."""
+    magnitude = abs(seconds)
+    for unit, scale in (("ns", 1e-9), ("us", 1e-6), ("ms", 1e-3), ("s", 1.0)):
+        if magnitude < 9999.5 * scale or unit == "s":
+            return f"{seconds / scale:+.0f}{unit}"
+    return f"{seconds:+.0f}s"  # pragma: no cover (the loop always returns)
+
+
+def render_selectdata(rows: list[dict[str, Any]], configured: bool = False) -> str:
+    out = header(SELECTDATA_HEADER)
+    for r in rows:
+        last = interval(r["last"]) if r.get("last") is not None else "-"
+        score = f"{float(r['score']):5.1f}" if r.get("score") is not None else "    -"
+        out += (f"{r['state']} {_name(r, configured)[:25]:<25} {'Y' if r['authenticated'] else 'N'}"
+                f" {r['conf_options']:>5} {r['eff_options']:>5} {last:>4} {score}"
+                f" {_short(float(r['low'])):>8} {_short(float(r['high'])):>8}"
+                f"  {_LEAP_LETTERS.get(int(r['leap']), '?')}\n")
+    return out
 
 
 def refid_hex(reference: str | None) -> str:
