@@ -10,9 +10,10 @@ if [ "$(id -u)" = 0 ]; then
     # chrony: interop peer (NTS server and client); faketime: a peer with a wrong clock;
     # iproute2/util-linux: network namespaces and setpriv; systemd: systemd-analyze verify
     # of contrib/systemd; tzdata: right/UTC for leapsectz; gcc, python3-dev, libssl-dev:
-    # build the optional AES-SIV accelerator ntspy._accel (tests/unit/test_accel.py).
+    # build the optional AES-SIV accelerator ntspy._accel (tests/unit/test_accel.py);
+    # redis-server: the fleet key store (ntskeystore) tests.
     apt-get install -y -q --no-install-recommends chrony faketime iproute2 util-linux systemd tzdata \
-        ca-certificates python3-venv gcc python3-dev libssl-dev
+        ca-certificates python3-venv gcc python3-dev libssl-dev redis-server
     # A chrony package may start a system chronyd; ours never touch it (own ports, own files).
     NTSPY_NTPSEC_DIR=${NTSPY_NTPSEC_DIR:-/opt/ntspy-peers/ntpsec}
     if [ -x tools/fetch-ntpsec.sh ]; then

@@ -131,6 +131,12 @@ class Config:
     ntsservercert: list[Path] = field(default_factory=list)
     ntsdumpdir: Path | None = None
     ntsrotate: int = DEFAULT_NTSROTATE
+    ntskeystore: str | None = None
+    """ntspy: the fleet's shared key ring, ``redis://`` ``rediss://`` ``unix://`` URL."""
+    ntskeystore_options: dict[str, str] = field(default_factory=dict)
+    """``passwordfile``, ``cafile``, ``poll`` given after the URL."""
+    ntskeystorekey: Path | None = None
+    """ntspy: the key-encryption key wrapping the master keys held in the store."""
     ntsntpserver: str | None = None
     ntsprocesses: int = 1
     maxntsconnections: int = 100
@@ -636,6 +642,33 @@ class _Parser:
         self.config.ntsdumpdir = _relative(where, args[0])
 
     d_ntscachedir = d_ntsdumpdir  # chrony 4.0's name for it, still accepted
+
+    def d_ntskeystore(self, where: _Where, args: list[str], depth: int) -> None:
+        """ntspy: ``ntskeystore URL [passwordfile FILE] [cafile FILE] [poll SECONDS]``."""
+        if not args:
+            raise where.error("missing URL")
+        url = args[0]
+        if not re.match(r"^(redis|rediss|unix)://", url):
+            raise where.error(f"invalid key store URL {_show(url)} "
+                              "(redis://HOST:PORT/DB, rediss://... or unix:///PATH)")
+        options: dict[str, str] = {}
+        rest = args[1:]
+        if len(rest) % 2:
+            raise where.error(f"option {rest[-1]} needs a value")
+        for name, value in zip(rest[::2], rest[1::2], strict=True):
+            name = name.lower()
+            if name in ("passwordfile", "cafile"):
+                options[name] = str(_relative(where, value))
+            elif name == "poll":
+                options[name] = str(_float(where, value, "poll", 0.05, 3600.0))
+            else:
+                raise where.error(f"unknown option {_show(name)}")
+        self.config.ntskeystore = url
+        self.config.ntskeystore_options = options
+
+    def d_ntskeystorekey(self, where: _Where, args: list[str], depth: int) -> None:
+        _nargs(where, args, 1)
+        self.config.ntskeystorekey = _relative(where, args[0])
 
     def d_ntsrotate(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 1)

@@ -500,6 +500,19 @@ def test_ratelimit_defaults() -> None:
     assert config.ratelimit == RateLimit(interval=-19, burst=255, leak=4)
 
 
+def test_ntskeystore_directives() -> None:
+    config = parse_config("ntskeystore redis://10.0.0.5:6379/2 passwordfile /etc/ntspy/pw "
+                          "poll 0.5\nntskeystorekey /etc/ntspy/kek\n")
+    assert config.ntskeystore == "redis://10.0.0.5:6379/2"
+    assert config.ntskeystore_options == {"passwordfile": "/etc/ntspy/pw", "poll": "0.5"}
+    assert config.ntskeystorekey == Path("/etc/ntspy/kek")
+    for bad, why in (("ntskeystore memcached://x", "invalid key store URL"),
+                     ("ntskeystore redis://x passwordfile", "needs a value"),
+                     ("ntskeystore redis://x color blue", "unknown option")):
+        with pytest.raises(ConfigError, match=why):
+            parse_config(bad)
+
+
 def test_local_alone_means_stratum_10() -> None:
     config = parse_config("local")
     assert (config.local_stratum, config.local_orphan, config.local_distance) == (10, False, 1.0)

@@ -72,10 +72,14 @@ class KeyRing:
             raise ValueError("a key ring keeps at least one key")
         self.kept = kept
         self._ring: tuple[tuple[MasterKey, ...], dict[int, Aead]] = ((), {})
+        self._pending: tuple[MasterKey, ...] = ()
         self.replace(keys)
 
-    def replace(self, keys: Iterable[MasterKey]) -> None:
-        """Swap in a new set of keys (e.g. reloaded from disk), keeping this object."""
+    def replace(self, keys: Iterable[MasterKey], pending: Iterable[MasterKey] = ()) -> None:
+        """Swap in a new set of keys (e.g. reloaded from disk), keeping this object.
+
+        ``pending`` keys open cookies but seal none yet: a fleet publishes a new
+        key to every server before any server issues cookies under it."""
         ordered: list[MasterKey] = []
         # Newest first; of keys made in the same second, the later one listed.
         for key in reversed(sorted(keys, key=lambda k: k.created)):
@@ -83,7 +87,20 @@ class KeyRing:
                 raise ValueError(f"key id {key.key_id:08x} already in the ring")
             ordered.append(key)
         kept = tuple(ordered[: self.kept])
-        self._ring = (kept, {k.key_id: Aead(MASTER_KEY_ALGORITHM, k.key) for k in kept})
+        waiting = tuple(k for k in pending if all(k.key_id != o.key_id for o in kept))
+        aeads = {k.key_id: Aead(MASTER_KEY_ALGORITHM, k.key) for k in (*kept, *waiting)}
+        self._pending = waiting
+        self._ring = (kept, aeads)
+
+    @property
+    def pending(self) -> list[MasterKey]:
+        """Keys that open cookies but do not seal yet (see :meth:`replace`)."""
+        return list(self._pending)
+
+    @property
+    def accepted(self) -> list[MasterKey]:
+        """Every key a cookie may be under: :attr:`keys`, then :attr:`pending`."""
+        return [*self._ring[0], *self._pending]
 
     @property
     def keys(self) -> list[MasterKey]:
@@ -99,11 +116,14 @@ class KeyRing:
     def add(self, key: MasterKey) -> None:
         """Make ``key`` the current key; the oldest beyond ``kept`` are forgotten."""
         keys, aeads = self._ring
-        if key.key_id in aeads:
+        if any(k.key_id == key.key_id for k in keys):
             raise ValueError(f"key id {key.key_id:08x} already in the ring")
         kept = (key, *keys)[: self.kept]
-        new = {key.key_id: Aead(MASTER_KEY_ALGORITHM, key.key)}
-        new.update((k.key_id, aeads[k.key_id]) for k in kept[1:])
+        waiting = tuple(k for k in self._pending if k.key_id != key.key_id)
+        aead = aeads.get(key.key_id)
+        new = {key.key_id: aead if aead is not None else Aead(MASTER_KEY_ALGORITHM, key.key)}
+        new.update((k.key_id, aeads[k.key_id]) for k in (*kept[1:], *waiting))
+        self._pending = waiting
         self._ring = (kept, new)
 
     def _current(self) -> tuple[MasterKey, Aead]:

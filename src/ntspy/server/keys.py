@@ -70,7 +70,7 @@ class KeyStore:
             with contextlib.suppress(OSError):  # left by a crash mid-write: it is stale
                 temp_path(self.path).unlink()
             try:
-                self.ring.replace(self._read())
+                self.ring.replace(*self._read())
                 if self.ring.keys:
                     log.info("loaded %d NTS master keys from %s", len(self.ring.keys), self.path)
             except StateFileUnreadable as exc:
@@ -178,6 +178,10 @@ class KeyStore:
             "keys": [
                 {"id": k.key_id, "key": b64(k.key), "created": k.created} for k in ring.keys
             ],
+            # A fleet's key that opens cookies but seals none yet (server/fleet.py).
+            "pending": [
+                {"id": k.key_id, "key": b64(k.key), "created": k.created} for k in ring.pending
+            ],
         }
         save_state(self.path, STATE_KIND, STATE_VERSION, payload)
         self._mtime_ns = self.path.stat().st_mtime_ns
@@ -193,29 +197,30 @@ class KeyStore:
         if mtime == self._mtime_ns:
             return False
         try:
-            self.ring.replace(self._read())
+            self.ring.replace(*self._read())
         except StateFileError as exc:
             log.error("cannot reload NTS server keys: %s", exc)
             return False
         return True
 
-    def _read(self) -> list[MasterKey]:
+    def _read(self) -> tuple[list[MasterKey], list[MasterKey]]:
+        """The saved keys (oldest first, as the ring takes them) and pending keys."""
         assert self.path is not None
         self._mtime_ns = self.path.stat().st_mtime_ns if self.path.exists() else 0
         state = load_state(self.path, STATE_KIND, STATE_VERSION)
         if state is None:
-            return []
+            return [], []
         try:
-            keys = [
-                MasterKey(int(k["id"]), unb64(k["key"]), int(k["created"]))
-                for k in state.payload["keys"]
-            ]
-            if len({k.key_id for k in keys}) != len(keys):
+            keys, pending = (
+                [MasterKey(int(k["id"]), unb64(k["key"]), int(k["created"])) for k in entries]
+                for entries in (state.payload["keys"], state.payload.get("pending", []))
+            )
+            if len({k.key_id for k in (*keys, *pending)}) != len(keys) + len(pending):
                 raise ValueError("duplicate key id")
             # The file lists the newest first; the ring adds the oldest first and
             # sorts stably by creation time, so reversing keeps keys created in the
             # same second in order across a restart (the current key stays current).
-            return keys[: self.ring.kept][::-1]
+            return keys[: self.ring.kept][::-1], pending
         # OverflowError: a JSON number like 1e400 reads as infinity;
         # StateFileError: a key that is not base64.
         except (KeyError, TypeError, ValueError, OverflowError, StateFileError) as exc:
