@@ -66,7 +66,7 @@ CURVATURE_T = 2.5
 """How many standard errors a quadratic term must reach to call the window bent."""
 MIN_CURVATURE_SAMPLES = 8
 """Fewer samples cannot tell a bend from noise."""
-BEND_TRIMS = 5
+BEND_TRIMS = 6
 BEND_MEMORY = 30
 """A window cut for a bend :data:`BEND_TRIMS` times within the last
 :data:`BEND_MEMORY` samples says the frequency keeps changing (temperature):
