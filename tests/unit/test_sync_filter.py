@@ -172,3 +172,35 @@ def test_samples_must_come_in_time_order() -> None:
     stats.add(Sample(time=T0, offset=0.0, delay=0.01))
     with pytest.raises(ValueError):
         stats.add(Sample(time=T0 - 1, offset=0.0, delay=0.01))
+
+
+def test_frequency_ramp_is_tracked_at_the_newest_sample() -> None:
+    # A frequency changing by 2e-9 s/s^2 (temperature) under noise of 20 us,
+    # polled every 64 s: windows keep being cut for the bend, so the regression
+    # models it, and the frequency it reports is the one at the newest sample.
+    # A line through the window kept would lag by half the window (~0.39 ppm).
+    rate, poll, noise = 2e-9, 64.0, 2e-5
+    freq_errors, phase_errors = [], []
+    for seed in range(10):
+        rng = random.Random(seed)
+        stats = SourceStats()
+        for i in range(150):
+            t = i * poll
+            stats.add(Sample(time=T0 + round(t * S), offset=0.5 * rate * t * t
+                             + rng.gauss(0.0, noise), delay=0.02 + rng.random() * 1e-4))
+            if i >= 60:
+                freq_errors.append(stats.frequency_ppm - rate * t * 1e6)
+                phase_errors.append(stats.offset_at(T0 + round(t * S)) - 0.5 * rate * t * t)
+    rms_freq = (sum(e * e for e in freq_errors) / len(freq_errors)) ** 0.5
+    rms_phase = (sum(e * e for e in phase_errors) / len(phase_errors)) ** 0.5
+    assert rms_freq < 0.36
+    assert rms_phase < 2.5e-5
+
+
+def test_a_straight_line_is_never_bent() -> None:
+    # Noise alone (a constant frequency) leaves the extrapolation a straight line.
+    stats = SourceStats()
+    last = feed(stats, 200, 5.0, 1e-4, 3, poll=64.0)
+    ahead = last + 600 * S
+    expected = stats.offset_at(last) + stats.frequency_ppm * 1e-6 * 600
+    assert stats.offset_at(ahead) == pytest.approx(expected, abs=1e-12)

@@ -66,6 +66,12 @@ CURVATURE_T = 2.5
 """How many standard errors a quadratic term must reach to call the window bent."""
 MIN_CURVATURE_SAMPLES = 8
 """Fewer samples cannot tell a bend from noise."""
+BEND_TRIMS = 6
+BEND_MEMORY = 30
+"""A window cut for a bend :data:`BEND_TRIMS` times within the last
+:data:`BEND_MEMORY` samples says the frequency keeps changing (temperature):
+the regression then models the bend (a shrunk quadratic term) instead of
+only cutting the window.  Fewer cuts are left to chance."""
 PERFECT_FIT_S = 1e-12
 """Residual spread below which a fit is exact (no sign runs to count)."""
 
@@ -184,6 +190,9 @@ class _Fit:
     sigma: float
     runs: int
     dof: int
+    curvature: float = 0.0
+    """s/s^2: the bend taken out of the offsets before the line was fitted
+    (0: none); the model is ``intercept + slope * x + curvature * x^2``."""
 
 
 def _weights(delays: list[float], sd: float | None) -> list[float]:
@@ -269,6 +278,70 @@ def _asymmetry(times_ns: list[int], offsets: list[float], delays: list[float],
     return share, math.sqrt(spread / see)
 
 
+@dataclass(slots=True)
+class _Poly:
+    """A weighted least-squares polynomial over ``u = (x - centre) / span``, x in
+    seconds from the newest sample: centred and scaled, the normal equations
+    stay well conditioned whatever the window's length."""
+
+    centre: float
+    span: float
+    coef: list[float]
+    inv: list[list[float]]
+    """Inverse of the normal matrix (weights normalised to a mean of 1)."""
+    sigma: float
+    runs: int
+    dof: int
+
+    def coef_sd(self, k: int) -> float:
+        """Standard error of the coefficient of ``u**k``."""
+        return self.sigma * math.sqrt(max(self.inv[k][k], 0.0))
+
+    def significant(self, k: int, t: float) -> bool:
+        """Whether the coefficient of ``u**k`` is more than ``t`` standard errors."""
+        sd = self.coef_sd(k)
+        return sd > 0 and abs(self.coef[k]) > t * sd
+
+
+def _poly(times_ns: list[int], offsets: list[float], weights: list[float],
+          degree: int) -> _Poly | None:
+    """Weighted polynomial of ``degree`` through the window (None: too few
+    samples for residuals to remain, or a singular system)."""
+    n = len(times_ns)
+    if n <= degree + 1:
+        return None
+    ref = times_ns[-1]
+    xs = [(t - ref) * _NS for t in times_ns]
+    sw = sum(weights)
+    if not (sw > 0 and math.isfinite(sw)):
+        return None
+    ws = [w * n / sw for w in weights]
+    centre = sum(w * x for w, x in zip(ws, xs, strict=True)) / n
+    span = max(abs(x - centre) for x in xs) or 1.0
+    us = [(x - centre) / span for x in xs]
+    size = degree + 1
+    m = [[0.0] * size for _ in range(size)]
+    v = [0.0] * size
+    for w, u, y in zip(ws, us, offsets, strict=True):
+        basis = [u**k for k in range(size)]
+        for i in range(size):
+            v[i] += w * basis[i] * y
+            for j in range(size):
+                m[i][j] += w * basis[i] * basis[j]
+    inv = _inverse(m)
+    if inv is None:
+        return None
+    coef = [sum(inv[i][j] * v[j] for j in range(size)) for i in range(size)]
+    residuals = [y - sum(c * u**k for k, c in enumerate(coef)) for u, y in zip(us, offsets,
+                                                                                 strict=True)]
+    dof = n - size
+    ss = sum(w * r * r for w, r in zip(ws, residuals, strict=True))
+    sigma = math.sqrt(ss / dof) if ss >= 0 else math.nan
+    if not math.isfinite(sigma):
+        return None
+    return _Poly(centre, span, coef, inv, sigma, count_runs(residuals), dof)
+
+
 def _curved(times_ns: list[int], offsets: list[float], weights: list[float]) -> bool:
     """Whether a weighted parabola fits significantly better than the line.
 
@@ -276,53 +349,56 @@ def _curved(times_ns: list[int], offsets: list[float], weights: list[float]) -> 
     oscillator) bends the offsets; the runs test misses a bend that is small
     next to the noise, yet extrapolating a line through it is off by about
     the bend times the window squared.  A significant quadratic term says the
-    window is too long.
+    window is bent.
     """
-    n = len(times_ns)
-    if n < MIN_CURVATURE_SAMPLES:
+    if len(times_ns) < MIN_CURVATURE_SAMPLES:
         return False
-    ref = times_ns[-1]
-    xs = [(t - ref) * _NS for t in times_ns]
-    sw = sum(weights)
-    if not sw > 0:
-        return False
-    mx = sum(w * x for w, x in zip(weights, xs, strict=True)) / sw
-    span = max(abs(x - mx) for x in xs) or 1.0
-    us = [(x - mx) / span for x in xs]  # centred and scaled: a well-conditioned system
-    # Normal equations of y = a + b u + c u^2 under the weights.
-    m = [[0.0] * 3 for _ in range(3)]
-    v = [0.0] * 3
-    for w, u, y in zip(weights, us, offsets, strict=True):
-        basis = (1.0, u, u * u)
-        for i in range(3):
-            v[i] += w * basis[i] * y
-            for j in range(3):
-                m[i][j] += w * basis[i] * basis[j]
-    inv = _inverse3(m)
-    if inv is None:
-        return False
-    coef = [sum(inv[i][j] * v[j] for j in range(3)) for i in range(3)]
-    ss = sum(w * (y - (coef[0] + coef[1] * u + coef[2] * u * u)) ** 2
-             for w, u, y in zip(weights, us, offsets, strict=True))
-    var_c = ss / (n - 3) * inv[2][2]
-    if not var_c > 0:
-        return False
-    return abs(coef[2]) > CURVATURE_T * math.sqrt(var_c)
+    quad = _poly(times_ns, offsets, weights, 2)
+    return quad is not None and quad.significant(2, CURVATURE_T)
 
 
-def _inverse3(m: list[list[float]]) -> list[list[float]] | None:
-    """Inverse of a 3x3 matrix, None when it is (nearly) singular."""
-    a, b, c = m[0]
-    d, e, f = m[1]
-    g, h, i = m[2]
-    co = [[e * i - f * h, c * h - b * i, b * f - c * e],
-          [f * g - d * i, a * i - c * g, c * d - a * f],
-          [d * h - e * g, b * g - a * h, a * e - b * d]]
-    det = a * co[0][0] + b * co[1][0] + c * co[2][0]
+def _inverse(m: list[list[float]]) -> list[list[float]] | None:
+    """Inverse of a small square matrix (Gauss-Jordan with partial pivoting),
+    None when it is (nearly) singular or holds a non-finite number."""
+    size = len(m)
     scale = max(abs(x) for row in m for x in row)
-    if not abs(det) > 1e-12 * scale**3:
+    if not (scale > 0 and math.isfinite(scale)):
         return None
-    return [[x / det for x in row] for row in co]
+    a = [[x / scale for x in row] + [float(i == j) for j in range(size)]
+         for i, row in enumerate(m)]
+    for col in range(size):
+        pivot = max(range(col, size), key=lambda r: abs(a[r][col]))
+        if not abs(a[pivot][col]) > 1e-12:
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        p = a[col][col]
+        a[col] = [x / p for x in a[col]]
+        for r in range(size):
+            if r != col and a[r][col]:
+                f = a[r][col]
+                a[r] = [x - f * y for x, y in zip(a[r], a[col], strict=True)]
+    return [[x / scale for x in row[size:]] for row in a]
+
+
+def _shrunk_curvature(times_ns: list[int], offsets: list[float], weights: list[float]) -> float:
+    """The window's quadratic term, s/s^2, shrunk towards 0 by its uncertainty.
+
+    The weighted parabola's term ``c`` with standard error ``e`` counts with
+    weight ``c^2 / (c^2 + e^2)``: in full when it stands well above its
+    noise, hardly at all when it is within it (the weight that minimises the
+    error of the estimate were ``c`` the true term).
+    """
+    if len(times_ns) < MIN_CURVATURE_SAMPLES:
+        return 0.0
+    quad = _poly(times_ns, offsets, weights, 2)
+    if quad is None:
+        return 0.0
+    c = quad.coef[2]
+    var = quad.coef_sd(2) * quad.coef_sd(2)
+    if not (c * c + var > 0):
+        return 0.0
+    term = c * (c * c / (c * c + var)) / (quad.span * quad.span)
+    return term if math.isfinite(term) else 0.0
 
 
 class SourceStats:
@@ -335,7 +411,8 @@ class SourceStats:
     least ``minsamples``.  Memory is bounded by ``maxsamples``.
     """
 
-    __slots__ = ("_asym", "_asym_error", "_fit", "_maxsamples", "_minsamples", "_phase", "_samples")
+    __slots__ = ("_added", "_asym", "_asym_error", "_fit", "_maxsamples", "_minsamples", "_phase",
+                 "_samples", "_trims")
 
     def __init__(self, maxsamples: int = DEFAULT_MAXSAMPLES, minsamples: int = 6) -> None:
         if maxsamples < MIN_MAXSAMPLES:
@@ -347,6 +424,9 @@ class SourceStats:
         self._asym = 0.0
         self._phase = 0.0
         self._asym_error = math.inf
+        self._added = 0
+        self._trims: deque[int] = deque(maxlen=BEND_TRIMS)
+        """Sample counts (:attr:`_added`) at which a window was cut for a bend."""
 
     # -- feeding --------------------------------------------------------------
 
@@ -355,6 +435,7 @@ class SourceStats:
         if self._samples and sample.time < self._samples[-1].time:
             raise ValueError("samples must be added in time order")
         self._samples.append(dataclasses.replace(sample))
+        self._added += 1
         self._refit()
 
     def apply_correction(self, now_ns: int, offset_s: float, dfreq_ppm: float = 0.0) -> None:
@@ -377,6 +458,7 @@ class SourceStats:
         """Forget everything, e.g. after the source was replaced."""
         self._samples.clear()
         self._fit = None
+        self._trims.clear()
 
     def _refit(self) -> None:
         n = len(self._samples)
@@ -394,24 +476,43 @@ class SourceStats:
             remaining = n - start
             if remaining <= self._minsamples or fit.sigma <= PERFECT_FIT_S:
                 break  # too few to trim, or residuals of nothing: the line fits
-            if fit.runs > _max_suspicious_runs(remaining) and not _curved(
-                    times[start:], offsets[start:], weights[start:]):
-                break
+            if fit.runs > _max_suspicious_runs(remaining):
+                if not _curved(times[start:], offsets[start:], weights[start:]):
+                    break
+                self._trims.append(self._added)  # cut for a bend
             # Drop a quarter of what is left (at least one sample) and try
             # again: a handful of refits finds where the model broke.
             start += max(1, min(remaining // 4, remaining - self._minsamples))
         for _ in range(start):
             self._samples.popleft()
+        ts, ys, ws = times[start:], offsets[start:], weights[start:]
+        curvature = _shrunk_curvature(ts, ys, ws) if self._bending() else 0.0
+        if curvature:
+            # The frequency keeps changing: take the window's bend out of the
+            # offsets, so that the line's slope is the frequency at the newest
+            # sample rather than at the window's middle, half a window ago.
+            ys = [y - curvature * ((t - ts[-1]) * _NS) ** 2 for t, y in zip(ts, ys, strict=True)]
+            fit = _fit(ts, ys, ws)
+            fit.curvature = curvature
         self._fit = fit
         # The phase now: the same window refitted with older samples counting
         # a little less.  Where the clock's frequency wanders the plain line
         # lags at its newest end; the slope (and so the frequency, whose noise
         # the clock would feel) stays the plain fit's.
-        ts = times[start:]
         span = max(1, ts[-1] - ts[0])
         tapered = [w / (1.0 + PHASE_TAPER * (ts[-1] - t) / span)
-                   for w, t in zip(weights[start:], ts, strict=True)]
-        self._phase = _fit(ts, offsets[start:], tapered).intercept
+                   for w, t in zip(ws, ts, strict=True)]
+        self._phase = _fit(ts, ys, tapered).intercept
+
+    def _bending(self) -> bool:
+        """Whether windows keep being cut for a bend: the frequency keeps changing.
+
+        One cut can be the curvature test's false alarm (or a random-walk
+        wiggle); :data:`BEND_TRIMS` cuts within :data:`BEND_MEMORY` samples are
+        a trend that a line through the remaining window still lags behind.
+        """
+        t = self._trims
+        return len(t) >= BEND_TRIMS and self._added - t[-BEND_TRIMS] <= BEND_MEMORY
 
     def _correct_asymmetry(self, times: list[int], offsets: list[float], delays: list[float],
                            weights: list[float]) -> list[float]:
@@ -519,8 +620,10 @@ class SourceStats:
         Extrapolates the regression line; before there is one, the clock
         filter's best sample stands in.
         """
-        if self._fit is not None:
-            return self._phase + self._fit.slope * (t_ns - self._fit.ref_ns) * _NS
+        fit = self._fit
+        if fit is not None:
+            x = (t_ns - fit.ref_ns) * _NS
+            return self._phase + fit.slope * x + fit.curvature * x * x
         best = self.best_sample()
         return best.offset if best else 0.0
 
@@ -529,9 +632,9 @@ class SourceStats:
         fit = self._fit
         if fit is None:
             return self.jitter
+        x = (t_ns - fit.ref_ns) * _NS
         if fit.sxx <= 0:
             return fit.sigma
-        x = (t_ns - fit.ref_ns) * _NS
         var = fit.intercept_var + fit.sigma**2 * ((x - fit.mean_t) ** 2 - fit.mean_t**2) / fit.sxx
         return math.sqrt(max(var, 0.0))
 
