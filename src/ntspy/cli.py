@@ -8,9 +8,13 @@ Each subcommand's code is imported only when the command line names it, so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -56,6 +60,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         ("query", "ntspy.client.commands", "query",
          "measure the clock offset to servers (NTS by default)"),
         ("ke", "ntspy.client.commands", "ke", "run NTS-KE only and show what was negotiated"),
+        ("check", "ntspy.check", "",
+         "health report of an NTS server: certificate, AEADs, cookies, NTP, NAK"),
         ("run", "ntspy.client.run", "",
          "run the client daemon: sync the clock from NTS sources (and serve time)"),
         ("serve", "ntspy.server.daemon", "", "run an NTS/NTP server"),
@@ -88,17 +94,60 @@ def _keep_optional_backends_out() -> None:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
 
 
+# Directives whose libraries need the system ``ssl`` module before asyncio is
+# imported: the Redis client of ``ntskeystore`` (asyncio's TLS, for ``rediss://``).
+# (``metricsaddress`` lets it in later, in the one process that serves metrics.)
+_NEED_SSL = frozenset({"ntskeystore"})
+
+
+def _needs_system_ssl(words: Sequence[str]) -> bool:
+    """Whether ``serve -f FILE`` uses a directive of :data:`_NEED_SSL`."""
+    for i, word in enumerate(words[:-1]):
+        if word in ("-f", "--config"):
+            try:
+                text = Path(words[i + 1]).read_text(errors="replace")
+            except OSError:
+                return False  # the server itself will say what is wrong with it
+            return any(line.split()[:1] and line.split()[0] in _NEED_SSL
+                       for line in text.splitlines())
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
     words = sys.argv[1:] if argv is None else argv
-    if argv is None and _command(words) in _LEAN_COMMANDS and "asyncio" not in sys.modules:
+    if argv is None and _command(words) in _LEAN_COMMANDS and "asyncio" not in sys.modules \
+            and not _needs_system_ssl(words):
         _keep_optional_backends_out()
     args = build_parser(words).parse_args(words)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        code = func(args)
+        # Output to a pipe is block-buffered: flush while a closed pipe can
+        # still be handled here, not in the interpreter's exit.
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `ntspy query --json | head`: the reader is gone, which is no error
+        # of ours.  Exit as a process killed by SIGPIPE would, without a
+        # traceback, and with nothing left to flush at exit.
+        _silence_closed_output()
+        return 128 + signal.SIGPIPE
+
+
+def _silence_closed_output() -> None:
+    """Point stdout and stderr at /dev/null, so the interpreter's final flush
+    of what is still buffered for the closed pipe cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            # A stream that is not a real file (a test's capture) has nothing to flush.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

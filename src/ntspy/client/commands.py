@@ -56,6 +56,7 @@ class _HostResult:
     samples: list[Measurement] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
+    ntp_port: int | None = None  # where NTP went: --port, or what NTS-KE named
 
     @property
     def ok(self) -> bool:
@@ -80,6 +81,9 @@ async def _query_host(args: argparse.Namespace, host: str) -> _HostResult:
             except NtsError as exc:
                 result.errors.append(str(exc))
                 return result
+            result.ntp_port = session.ntp_target[1]
+        else:
+            result.ntp_port = session.port
         for i in range(args.samples):
             if i:
                 await asyncio.sleep(SAMPLE_INTERVAL)
@@ -104,10 +108,13 @@ def _fmt_s(seconds: float) -> str:
 def _print_host(result: _HostResult, out: TextIO) -> None:
     ke = result.ke
     if ke is not None:
+        port = result.ntp_port or ke.ntp_port
+        # The port NTP really went to (--port overrides the Port record).
+        named = f" (NTS-KE named port {ke.ntp_port})" if port != ke.ntp_port else ""
         print(
             f"{result.host}: NTS-KE {ke.ke_host} port {ke.ke_port}, {ke.tls_version}, "
             f"{ke.aead_name} ({ke.aead_id}), {len(ke.cookies)} cookies; "
-            f"NTP {ke.ntp_server} port {ke.ntp_port}",
+            f"NTP {ke.ntp_server} port {port}{named}",
             file=out,
         )
     elif result.samples:
@@ -139,6 +146,7 @@ def _host_json(result: _HostResult) -> dict[str, Any]:
         "ok": result.ok,
         "nts": result.nts,
         "ke": _ke_json(ke) if ke is not None else None,
+        "ntp_port": result.ntp_port,
         "samples": [m.as_dict() for m in result.samples],
         "offset": best(result.samples).offset if result.samples else None,
         "errors": result.errors,

@@ -13,7 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from ..errors import KeConnectionError, KeProtocolError
+from OpenSSL import SSL
+
+from ..errors import KeConnectionError, KeProtocolError, KeTimeoutError, format_duration
 from ..net.dns import getaddrinfo
 from ..net.tls import TlsStream, TrustConfig, client_context
 from ..proto import aead as aead_mod
@@ -39,6 +41,8 @@ class KeResult:
     cert_not_after: datetime | None
     compliant_128gcm: bool = False
     next_protocol: int = ke.NextProtocol.NTPV4
+    server_record: str | None = None  # the NTPv4 Server record as sent, if any
+    port_record: int | None = None  # the NTPv4 Port record as sent, if any
 
     @property
     def aead_name(self) -> str:
@@ -58,9 +62,10 @@ async def key_exchange(
 
     ``aeads`` is our preference order (default :func:`ntspy.proto.aead.supported`);
     ``server_name`` is what the certificate must name (default ``host``).
-    ``timeout`` bounds the whole exchange.  Raises :class:`KeConnectionError`,
-    :class:`CertificateError`, :class:`TlsError`, :class:`KeServerError` or
-    :class:`KeProtocolError`, each with a message fit for a user.
+    ``timeout`` bounds the whole exchange.  Raises :class:`KeConnectionError`
+    (:class:`KeTimeoutError` when time ran out), :class:`CertificateVerifyError`,
+    :class:`TlsError`, :class:`KeServerError` or :class:`KeProtocolError`, each
+    with a message fit for a user.
     """
     offered = list(aeads) if aeads is not None else list(aead_mod.supported())
     # chrony >= 4.6.1 marks keys of AES-128-GCM-SIV as exported with the RFC
@@ -73,10 +78,18 @@ async def key_exchange(
     def left() -> float:
         return max(0.001, deadline - loop.time())
 
-    stream, address = await _connect(host, port, server_name or host, trust, left)
+    progress = _Progress()
     try:
+        stream, address = await _connect(host, port, server_name or host, trust, left, progress)
+    except KeTimeoutError:
+        raise KeTimeoutError(progress.timed_out(host, port, timeout)) from None
+    try:
+        progress.phase = "response"
         await stream.send(request)  # one write: NTPsec expects the request in one piece
-        records = await _read_message(stream, left, f"{host} port {port}")
+        try:
+            records = await _read_message(stream, left, f"{host} port {port}")
+        except KeTimeoutError:
+            raise KeTimeoutError(progress.timed_out(host, port, timeout)) from None
         response = ke.parse_server_response(records, offered)
         key_len = aead_mod.info(response.aead).key_length
         c2s = stream.export_keying_material(
@@ -106,9 +119,38 @@ async def key_exchange(
             cert_not_after=cert.not_valid_after_utc if cert is not None else None,
             compliant_128gcm=response.compliant_128gcm,
             next_protocol=response.next_protocol,
+            server_record=response.server,
+            port_record=response.port,
         )
     finally:
         await stream.close()
+
+
+@dataclass(slots=True)
+class _Progress:
+    """How far one NTS-KE got, so that a timeout can say where it struck.
+
+    Each step gets what is left of the one deadline; the message names the
+    whole timeout the caller gave ("within 3 s"), not that remainder.
+    """
+
+    phase: str = "resolve"  # then "tcp", "tls", "response"
+
+    def on_tls_state(self, conn: SSL.Connection, where: int, ret: int) -> None:
+        if where & SSL.SSL_CB_HANDSHAKE_START:
+            self.phase = "tls"
+
+    def timed_out(self, host: str, port: int, timeout: float) -> str:
+        within = f"within {format_duration(timeout)}"
+        if self.phase == "resolve":
+            return f"cannot resolve {host}: no answer {within}"
+        if self.phase == "tcp":
+            return (f"connection to {host} port {port} timed out (no answer {within}; "
+                    f"host down, or a firewall dropping TCP {port}?)")
+        if self.phase == "tls":
+            return (f"TLS handshake with {host} port {port} timed out (no answer {within}; "
+                    "is it an NTS-KE server?)")
+        return f"{host} port {port} sent no complete NTS-KE response {within}"
 
 
 async def _connect(
@@ -117,6 +159,7 @@ async def _connect(
     server_name: str,
     trust: TrustConfig | None,
     left: Callable[[], float],
+    progress: _Progress,
 ) -> tuple[TlsStream, str]:
     """TLS to the first of ``host``'s addresses that accepts TCP; also returns that address.
 
@@ -126,13 +169,15 @@ async def _connect(
     try:
         infos = await asyncio.wait_for(getaddrinfo(host, port, socket.SOCK_STREAM), left())
     except TimeoutError:
-        raise KeConnectionError(f"cannot resolve {host}: timed out") from None
+        raise KeTimeoutError(f"cannot resolve {host}: timed out") from None
     except OSError as exc:
         raise KeConnectionError(f"cannot resolve {host}: {exc.strerror or exc}") from None
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     context = client_context(trust or TrustConfig())
+    context.set_info_callback(progress.on_tls_state)
     error: KeConnectionError | None = None
     for address in addresses:
+        progress.phase = "tcp"
         try:
             stream = await TlsStream.connect(
                 address,

@@ -30,11 +30,15 @@ from ..errors import (
     KissOfDeath,
     MalformedPacket,
     NakBackoff,
+    NtpConnectionError,
+    NtpTimeoutError,
     NtsError,
     NtsNakReceived,
+    ServerUnsynchronized,
     StateFileError,
+    format_duration,
 )
-from ..net.tls import TrustConfig
+from ..net.tls import CaSource, TrustConfig
 from ..net.udp import Received, UdpClient
 from ..proto import aead as aead_mod
 from ..proto import nts
@@ -118,6 +122,7 @@ class _Session:
     """The UDP and timing half shared by NTS and plain sessions."""
 
     authenticated = False
+    version = 4  # the NTP version our requests carry
 
     def __init__(self, timeout: float, clock: Clock | None, random: Callable[[int], bytes]):
         self.timeout = timeout
@@ -135,7 +140,7 @@ class _Session:
             udp = await UdpClient.open(host, port, self.clock)
         except OSError as exc:
             reason = exc.strerror or str(exc)
-            raise NtsError(f"cannot reach NTP server {host}:{port}: {reason}") from None
+            raise NtpConnectionError(f"cannot reach NTP server {host}:{port}: {reason}") from None
         self._udp, self._udp_target = udp, (host, port)
         return udp
 
@@ -143,7 +148,7 @@ class _Session:
         xmt = int.from_bytes(self.random(_XMT_BYTES), "big")
         header = NtpHeader(
             leap=Leap.NONE,
-            version=4,
+            version=self.version,
             mode=Mode.CLIENT,
             poll=_REQUEST_POLL,
             precision=_REQUEST_PRECISION,
@@ -186,14 +191,16 @@ class _Session:
             self.stats["accepted"] += 1
             return header, received, t1
         kind = "NTS" if self.authenticated else "NTP"
+        within = format_duration(self.timeout)
         if rejected:
-            raise NtsError(
-                f"no valid {kind} response from {host}:{port} within {self.timeout:g}s: "
-                f"{rejected} response(s) rejected ({last_reason})"
+            raise NtpTimeoutError(
+                f"no valid {kind} response from {host}:{port} within {within}: "
+                f"{rejected} response(s) rejected ({last_reason})",
+                rejected,
             )
         self.stats["timeouts"] += 1
-        raise NtsError(
-            f"no {kind} response from {host}:{port} within {self.timeout:g}s "
+        raise NtpTimeoutError(
+            f"no {kind} response from {host}:{port} within {within} "
             "(UDP blocked or packets dropped?)"
         )
 
@@ -262,13 +269,17 @@ def _check_usable(header: NtpHeader) -> None:
     if code is not None:
         raise KissOfDeath(code or "(empty)")
     if header.leap == Leap.UNSYNCHRONIZED:
-        raise NtsError("server is not synchronised (leap indicator 3)")
+        raise ServerUnsynchronized("server is not synchronised (leap indicator 3)")
     if header.receive_ts == 0 or header.transmit_ts == 0:
         raise MalformedPacket("response has a zero receive or transmit timestamp")
 
 
 class PlainSession(_Session):
-    """Unauthenticated NTPv4 client exchanges with one server (RFC 5905)."""
+    """Unauthenticated NTPv4 client exchanges with one server (RFC 5905).
+
+    ``version`` is the NTP version our requests carry (1 to 4; servers answer
+    with the same one), for servers that still want an older one.
+    """
 
     authenticated = False
 
@@ -280,10 +291,14 @@ class PlainSession(_Session):
         timeout: float = 5.0,
         clock: Clock | None = None,
         random: Callable[[int], bytes] = os.urandom,
+        version: int = 4,
     ) -> None:
         super().__init__(timeout, clock, random)
+        if not 1 <= version <= 4:
+            raise ValueError(f"NTP version must be 1 to 4, not {version}")
         self.host = host
         self.port = port
+        self.version = version
 
     async def measure(self) -> Measurement:
         """One request/response; raises :class:`NtsError` (or a child) on failure."""
@@ -298,7 +313,7 @@ class PlainSession(_Session):
                 udp, self.host, self.port, header.pack(), check
             )
         except ConnectionRefusedError:
-            raise NtsError(_refused(self.host, self.port)) from None
+            raise NtpConnectionError(_refused(self.host, self.port)) from None
         _check_usable(response)
         return self._measurement(self.host, udp, response, received, t1)
 
@@ -322,6 +337,7 @@ class NtsSession(_Session):
         ke_port: int = DEFAULT_KE_PORT,
         *,
         trust: TrustConfig | None = None,
+        ca: CaSource = None,
         aeads: Sequence[int] | None = None,
         server_name: str | None = None,
         ntp_port: int | None = None,
@@ -339,8 +355,17 @@ class NtsSession(_Session):
         run (``ntspy query``: 2).  ``on_cookie_spent`` is called after a cookie
         leaves the jar and before the packet carrying it is sent, so that the
         caller can persist the jar first: no cookie is ever sent twice, not even
-        across a crash (RFC 8915 s6: a repeated cookie links the client)."""
+        across a crash (RFC 8915 s6: a repeated cookie links the client).
+
+        Trust: ``ca`` adds CA certificates to the system store, in any form
+        :class:`~ntspy.TrustConfig` takes (a path, a list of paths, PEM bytes);
+        ``trust`` (a :class:`~ntspy.TrustConfig`) says it all instead, e.g. to
+        leave the system store out.  Give one or neither."""
         super().__init__(timeout, clock, random)
+        if trust is not None and ca is not None:
+            raise ValueError("give NtsSession either trust= or ca=, not both")
+        if trust is None and ca is not None:
+            trust = TrustConfig.from_ca(ca)
         self.host = host
         self.ke_port = ke_port
         self.trust = trust
@@ -487,7 +512,7 @@ class NtsSession(_Session):
         try:
             response, received, t1 = await self._exchange(udp, host, port, request, check)
         except ConnectionRefusedError:
-            raise NtsError(_refused(host, port)) from None
+            raise NtpConnectionError(_refused(host, port)) from None
         self.ke_confirmed = True  # an authenticated response: the keys are good
         room = MAX_COOKIES - len(self.cookies)
         self.cookies.extend(got_cookies[:room])

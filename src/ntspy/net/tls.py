@@ -12,8 +12,9 @@ on both sides.  The client verifies the server's chain with OpenSSL, then the
 server name itself (SAN dNSName with RFC 6125 wildcards, or iPAddress for an IP
 literal) inside the verify callback, so that a wrong certificate aborts the
 handshake with an alert instead of a silent hang-up.  Every failure becomes one
-clear line in a :class:`~ntspy.errors.KeConnectionError`,
-:class:`~ntspy.errors.CertificateError` or :class:`~ntspy.errors.TlsError`.
+clear line in a :class:`~ntspy.errors.KeConnectionError` (a
+:class:`~ntspy.errors.KeTimeoutError` when time ran out),
+:class:`~ntspy.errors.CertificateVerifyError` or :class:`~ntspy.errors.TlsError`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,7 +39,15 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from OpenSSL import SSL, crypto
 from OpenSSL._util import lib as _ssl_lib
 
-from ntspy.errors import CertificateError, KeConnectionError, NtsError, TlsError
+from ntspy.errors import (
+    CertificateError,
+    CertificateVerifyError,
+    KeConnectionError,
+    KeTimeoutError,
+    NtsError,
+    TlsError,
+    format_duration,
+)
 
 try:  # the optional compiled NTS-KE server loop (src/ntspy/_ke.c), same settings
     if os.environ.get("NTSPY_NO_ACCEL", "") not in ("", "0"):
@@ -110,13 +119,59 @@ _TIME_ERRORS: Final = frozenset(
 )
 
 
+_CaItem = str | os.PathLike[str] | bytes
+CaSource = _CaItem | Iterable[_CaItem] | None
+"""What ``ca=`` takes: a path (``str`` or :class:`~pathlib.Path`) of a PEM file or a
+directory of them, PEM data (``bytes``, or a ``str`` holding ``-----BEGIN``), or a
+list of any of these."""
+
+_PEM_MARK = "-----BEGIN"
+
+
+def _ca_item(item: object, paths: list[Path], pem: list[bytes]) -> None:
+    if isinstance(item, bytes | bytearray | memoryview):
+        pem.append(bytes(item))
+    elif isinstance(item, str) and _PEM_MARK in item:
+        pem.append(item.encode("ascii", "replace"))
+    elif isinstance(item, str | os.PathLike):
+        paths.append(Path(item))
+    else:
+        raise TypeError(
+            f"ca: expected a path, PEM bytes or a list of them, not {type(item).__name__}"
+        )
+
+
+def split_ca(ca: object) -> tuple[list[Path], list[bytes]]:
+    """``ca`` in any :data:`CaSource` form as (paths, PEM blobs).
+
+    A single path is one path, never a sequence of one-letter paths; a list
+    may mix paths and PEM data.  TypeError for anything else.
+    """
+    paths: list[Path] = []
+    pem: list[bytes] = []
+    if ca is None:
+        return paths, pem
+    if isinstance(ca, str | bytes | bytearray | memoryview | os.PathLike):
+        _ca_item(ca, paths, pem)
+        return paths, pem
+    if not isinstance(ca, Iterable):
+        raise TypeError(
+            f"ca: expected a path, PEM bytes or a list of them, not {type(ca).__name__}"
+        )
+    for item in ca:
+        _ca_item(item, paths, pem)
+    return paths, pem
+
+
 @dataclass(slots=True)
 class TrustConfig:
     """Which certificate authorities a client trusts for NTS-KE servers.
 
     ``extra`` entries are PEM files (one or several certificates) or
     directories, of which every regular file holding a PEM certificate is
-    loaded, whatever its name (no OpenSSL hashed names needed).
+    loaded, whatever its name (no OpenSSL hashed names needed).  It takes any
+    :data:`CaSource` form (one path, a list, PEM bytes), sorted out at
+    construction into paths (``extra``) and PEM data (``pem``).
     ``no_cert_time_check`` forgives only the validity-time errors of
     certificates and CRLs (chrony's ``nocerttimecheck``, for a client whose
     clock is still wrong); signatures, trust, names and usage are still checked.
@@ -125,6 +180,22 @@ class TrustConfig:
     use_system_store: bool = True
     extra: list[Path] = field(default_factory=list)
     no_cert_time_check: bool = False
+    pem: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        paths, pem = split_ca(self.extra)
+        more_paths, more_pem = split_ca(self.pem)
+        self.extra = paths + more_paths
+        self.pem = pem + more_pem
+
+    @classmethod
+    def from_ca(
+        cls, ca: CaSource = None, *, use_system_store: bool = True,
+        no_cert_time_check: bool = False,
+    ) -> TrustConfig:
+        """The system store (unless ``use_system_store`` is False) plus ``ca``."""
+        paths, pem = split_ca(ca)
+        return cls(use_system_store, paths, no_cert_time_check, pem)
 
 
 # --- names -----------------------------------------------------------------
@@ -386,9 +457,14 @@ def client_context(trust: TrustConfig) -> SSL.Context:
     store = ctx.get_cert_store()
     if store is None:  # pragma: no cover - a fresh SSL_CTX always has a store
         raise TlsError("OpenSSL context has no certificate store")
-    for path in trust.extra:
-        for cert in _trusted_certificates(path):
-            store.add_cert(crypto.X509.from_cryptography(cert))
+    certs = [cert for path in trust.extra for cert in _trusted_certificates(Path(path))]
+    for blob in trust.pem:
+        try:
+            certs += x509.load_pem_x509_certificates(blob)
+        except ValueError:
+            raise CertificateError("trusted PEM data (ca=) holds no readable certificate") from None
+    for cert in certs:
+        store.add_cert(crypto.X509.from_cryptography(cert))
     ctx.set_verify(SSL.VERIFY_PEER, _verify_callback(trust.no_cert_time_check))
     return ctx
 
@@ -717,14 +793,15 @@ class TlsStream:
                 async with asyncio.timeout(handshake_timeout):
                     await stream._handshake()
             except TimeoutError:
-                raise KeConnectionError(
-                    f"TLS handshake with {where} timed out "
-                    f"(no answer within {handshake_timeout:g} s; is it an NTS-KE server?)"
+                raise KeTimeoutError(
+                    f"TLS handshake with {where} timed out (no answer within "
+                    f"{format_duration(handshake_timeout)}; is it an NTS-KE server?)"
                 ) from None
             except SSL.Error as e:
                 if check.failure is not None:
-                    raise CertificateError(
-                        _certificate_message(check.failure, host, server_name)
+                    raise CertificateVerifyError(
+                        _certificate_message(check.failure, host, server_name),
+                        check.failure.code,
                     ) from None
                 raise handshake_error(_ssl_reason(e), host, where) from None
             except _PeerClosed:
@@ -748,9 +825,12 @@ class TlsStream:
             # verification; this guards the name check should it ever not.
             leaf = self.peer_certificate
             if leaf is None:
-                raise CertificateError(f"{host} sent no certificate")
+                raise CertificateVerifyError(f"{host} sent no certificate")
             if not check.check_name(leaf) and check.failure is not None:
-                raise CertificateError(_certificate_message(check.failure, host, check.server_name))
+                raise CertificateVerifyError(
+                    _certificate_message(check.failure, host, check.server_name),
+                    check.failure.code,
+                )
         version = self.protocol_version
         if version != TLS13_NAME:
             raise TlsError(f"{host} does not speak TLS 1.3, which NTS-KE requires (got {version})")
@@ -786,7 +866,7 @@ class TlsStream:
                 async with asyncio.timeout(handshake_timeout):
                     await stream._handshake()
             except TimeoutError:
-                raise KeConnectionError(f"TLS handshake with {who} timed out") from None
+                raise KeTimeoutError(f"TLS handshake with {who} timed out") from None
             except TlsError as e:  # from the ALPN callback
                 raise TlsError(f"{who}: {e}") from None
             except SSL.Error as e:
@@ -892,7 +972,9 @@ class TlsStream:
             async with asyncio.timeout(timeout):
                 return await self._recv(max_bytes)
         except TimeoutError:
-            raise KeConnectionError(f"{self._peer} sent nothing for {timeout:g} s") from None
+            raise KeTimeoutError(
+                f"{self._peer} sent nothing for {format_duration(timeout)}"
+            ) from None
 
     async def _recv(self, max_bytes: int) -> bytes:
         while True:
@@ -1127,8 +1209,9 @@ async def _open_tcp(
         async with asyncio.timeout(timeout):
             return await asyncio.open_connection(host, port)
     except TimeoutError:
-        raise KeConnectionError(
-            f"connection to {host} port {port} timed out (no answer within {timeout:g} s; "
+        raise KeTimeoutError(
+            f"connection to {host} port {port} timed out (no answer within "
+            f"{format_duration(timeout)}; "
             f"host down, or a firewall dropping TCP {port}?)"
         ) from None
     except ConnectionRefusedError:
