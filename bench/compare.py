@@ -53,6 +53,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 CHRONYD_NAME = "chronyd"
 NTSPY1 = "ntspy-1w"
 NTSPY2 = "ntspy-2w"
+NTSPY1_FLEET = "ntspy-1w-fleet"  # --keystore: ntspy-1w with its key ring in a Redis fleet
 
 
 @dataclass(slots=True)
@@ -66,6 +67,7 @@ class Settings:
     chrony_default_q: bool = True  # also time `chronyd -Q` with chrony's default iburst
     chrony_clientlog: bool = False
     scaling: bool = True  # also measure each server spread over both CPUs
+    keystore: list[str] = field(default_factory=list)  # --keystore: ntspy in a Redis fleet
     variants: list[str] = field(default_factory=lambda: [CHRONYD_NAME, NTSPY1, NTSPY2])
 
 
@@ -220,6 +222,10 @@ def start_server(name: str, work: Path, pki: Path, settings: Settings,
             *common, "local stratum 2", f"ntsprocesses {workers}",
             f"bindcmdaddress {d / 'ntspy.sock'}",
             "cmdport 0",
+            f"pidfile {d / 'ntspy.pid'}",  # several run at once (measure_ke)
+            # the same client log setting as chronyd's (default: neither keeps one)
+            *([] if settings.chrony_clientlog else ["noclientlog"]),
+            *(settings.keystore if name == NTSPY1_FLEET else []),
         ])
         argv = [*pin, sys.executable, "-m", "ntspy", "serve", "-f", str(conf),
                 "--log-level", "warning"]
@@ -233,6 +239,33 @@ def start_server(name: str, work: Path, pki: Path, settings: Settings,
         server.stop()
         raise
     return server
+
+
+@contextlib.contextmanager
+def redis_fleet(work: Path) -> Iterator[list[str]]:
+    """A redis-server on a loopback port, and the lines that put ntspy in its fleet."""
+    redis = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    kek = work / "keystore.key"
+    kek.write_bytes(os.urandom(32))
+    kek.chmod(0o600)
+    proc = subprocess.Popen([redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(work)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        yield [f"ntskeystore redis://127.0.0.1:{port}/0", f"ntskeystorekey {kek}"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def _wait_ready(server: Server, ca: Path) -> None:
@@ -576,12 +609,16 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--processes", type=int, help="load generator processes (default 1)")
     p.add_argument("--handshakes", type=int, help="NTS-KE sessions per run (default 1000)")
     p.add_argument("--chrony-clientlog", action="store_true",
-                   help="leave chronyd's client log on (default: noclientlog, see docs)")
-    p.add_argument("--only", choices=[CHRONYD_NAME, NTSPY1, NTSPY2], action="append",
+                   help="leave both servers' client logs on (default: noclientlog, see docs)")
+    p.add_argument("--only", choices=[CHRONYD_NAME, NTSPY1, NTSPY2, NTSPY1_FLEET],
+                   action="append",
                    help="run only these servers")
     p.add_argument("--no-scaling", action="store_true",
                    help="skip the runs with the server on both CPUs")
     p.add_argument("--json", type=Path, help="also write every round's figures here")
+    p.add_argument("--keystore", action="store_true",
+                   help=f"also {NTSPY1_FLEET}: ntspy-1w with ntskeystore in a redis-server "
+                        "started here (the cost of docs/scale.md's design on the packet path)")
     args = p.parse_args(argv)
     s = Settings()
     if args.quick:
@@ -592,6 +629,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
             setattr(s, name, getattr(args, name))
     s.chrony_clientlog = args.chrony_clientlog
     s.scaling = not args.no_scaling
+    if args.keystore:
+        s.variants.append(NTSPY1_FLEET)
     if args.only:
         s.variants = [v for v in s.variants if v in args.only]
     return s, args
@@ -609,12 +648,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key:>13}: {value}")
     print(f"{'settings':>13}: {s.rounds} rounds, {s.seconds:g} s load, window {s.window} x "
           f"{s.processes} process(es), {s.handshakes} NTS-KE, {s.queries} queries; "
-          f"chronyd {'with' if s.chrony_clientlog else 'noclientlog'}")
+          f"client logs {'on' if s.chrony_clientlog else 'off (noclientlog)'}")
     results: dict[str, list[dict[str, float]]] = {v: [] for v in s.variants}
-    with tempfile.TemporaryDirectory(prefix="ntspy-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ntspy-bench-") as tmp, \
+            contextlib.ExitStack() as stack:
         work = Path(tmp)
         pki = work / "pki"
         make_test_pki(pki)  # P-256 key and certificate, the same for both servers
+        if args.keystore:
+            s.keystore = stack.enter_context(redis_fleet(work))
+            print(f"{'fleet':>13}: {NTSPY1_FLEET} uses {s.keystore[0]}")
         for rnd in range(s.rounds):
             for name in s.variants:
                 with running(name, work, pki, s) as server:

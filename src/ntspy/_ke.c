@@ -259,6 +259,7 @@ static PyTypeObject TlsContextType = {
 
 typedef struct Conn {
     struct Conn *prev, *next; /* in the engine's deadline list for its phase */
+    double accepted; /* monotonic seconds */
     double deadline;
     int listed; /* in the engine's list of open connections */
     int fd;
@@ -378,6 +379,7 @@ unlist(EngineObject *e, Conn *c)
 static void
 enlist(EngineObject *e, Conn *c, double now)
 {
+    c->accepted = now;
     c->deadline = now + e->timeout;
     c->listed = 1;
     c->prev = e->tail;
@@ -1121,6 +1123,16 @@ Engine_peer(EngineObject *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
+Engine_elapsed(EngineObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->current == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "elapsed() outside of on_request");
+        return NULL;
+    }
+    return PyFloat_FromDouble(monotonic() - self->current->accepted);
+}
+
+static PyObject *
 Engine_set_tls(EngineObject *self, PyObject *tls)
 {
     if (!PyObject_TypeCheck(tls, &TlsContextType)) {
@@ -1151,6 +1163,8 @@ static PyMethodDef Engine_methods[] = {
                "being answered (only inside on_request).")},
     {"peer", (PyCFunction)Engine_peer, METH_NOARGS,
      PyDoc_STR("'client ADDRESS port N' of the connection being answered.")},
+    {"elapsed", (PyCFunction)Engine_elapsed, METH_NOARGS,
+     PyDoc_STR("Seconds since the connection being answered was accepted.")},
     {"set_tls", (PyCFunction)Engine_set_tls, METH_O,
      PyDoc_STR("Use this TlsContext for connections accepted from now on.")},
     {NULL, NULL, 0, NULL},

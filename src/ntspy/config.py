@@ -145,6 +145,12 @@ class Config:
     ntsratelimit: RateLimit | None = None
     ratelimit: RateLimit | None = None
     ntsaeads: list[int] | None = None
+    clientloglimit: int = 524288
+    """chrony's ``clientloglimit``: bytes for the server's client log (``clients``)."""
+    noclientlog: bool = False
+    """chrony's ``noclientlog``: keep no client log."""
+    metricsaddress: tuple[str, int] | None = None
+    """ntspy: serve Prometheus metrics over HTTP at ``/metrics`` on (address, port)."""
     # client role
     ntstrustedcerts: list[tuple[int, Path]] = field(default_factory=list)
     nosystemcert: bool = False
@@ -490,12 +496,12 @@ def _within(inner: IPNetwork, outer: IPNetwork) -> bool:
 IGNORED_DIRECTIVES = frozenset(
     {
         "acquisitionport", "bindacqaddress", "bindacqdevice", "bindcmddevice",
-        "clientloglimit", "clockprecision", "cmdallow", "cmddeny",
+        "clockprecision", "cmdallow", "cmddeny",
         "cmdratelimit", "dscp", "dumpdir",
         "fallbackdrift", "hwclockfile", "hwtimestamp", "keyfile", "leapsecmode",
         "leapseclist", "lock_all", "logchange", "mailonchange", "manual",
         "maxclockerror",
-        "maxsamples", "minsamples", "noclientlog", "ptpport",
+        "maxsamples", "minsamples", "ptpport",
         "rtcautotrim", "rtcdevice", "rtcfile", "rtconutc",
         "sched_priority", "tempcomp",
     }
@@ -687,6 +693,19 @@ class _Parser:
     def d_maxntsconnections(self, where: _Where, args: list[str], depth: int) -> None:
         _nargs(where, args, 1)
         self.config.maxntsconnections = _int(where, args[0], "connections", 1, 1_000_000)
+
+    def d_clientloglimit(self, where: _Where, args: list[str], depth: int) -> None:
+        _nargs(where, args, 1)
+        self.config.clientloglimit = _int(where, args[0], "client log limit", 0, 2**32 - 1)
+
+    def d_noclientlog(self, where: _Where, args: list[str], depth: int) -> None:
+        _nargs(where, args, 0)
+        self.config.noclientlog = True
+
+    def d_metricsaddress(self, where: _Where, args: list[str], depth: int) -> None:
+        """ntspy: ``metricsaddress ADDRESS PORT``, the Prometheus endpoint (default: none)."""
+        _nargs(where, args, 2)
+        self.config.metricsaddress = (str(_ip(where, args[0])), _port(where, args[1]))
 
     def d_ntsclientconnections(self, where: _Where, args: list[str], depth: int) -> None:
         """ntspy: concurrent NTS-KE connections one client (IPv4 address, IPv6 /64) may hold."""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from ntspy.client.session import NtsSession
+from ntspy.net.tls import TrustConfig
 from tests.peers import ServerProc
 
 
@@ -37,3 +41,22 @@ def test_unreachable_daemon_is_one_clear_line(tmp_path: Path) -> None:
         f"ntspy ctl: cannot reach the ntspy daemon: no control socket at "
         f"{tmp_path / 'none.sock'} (is it running?)"
     )
+
+
+def test_clients_in_chronyc_layout(ntspy_server: ServerProc) -> None:
+    trust = TrustConfig(use_system_store=False, extra=[ntspy_server.certs.ca_cert])
+
+    async def talk() -> None:
+        with NtsSession("localhost", ntspy_server.ke_port, trust=trust, timeout=3.0) as s:
+            for _ in range(3):
+                assert (await s.measure()).authenticated
+
+    asyncio.run(talk())
+    time.sleep(1.1)  # the client log reaches the control socket within a second
+    rows = json.loads(ctl("-s", str(ntspy_server.control), "--json", "clients").stdout)
+    (row,) = [r for r in rows if r["address"] == "127.0.0.1"]
+    assert (row["ntp_hits"], row["nke_hits"], row["ntp_drops"]) == (3, 1, 0)
+    text = ctl("-s", str(ntspy_server.control), "clients").stdout.splitlines()
+    assert text[0].startswith("Hostname") and "NTS-KE" in text[0]
+    line = next(t for t in text if t.startswith("127.0.0.1"))
+    assert line.split()[1:3] == ["3", "0"] and line.split()[6:8] == ["1", "0"]

@@ -178,6 +178,50 @@ def test_serverstats_of_ntspy_serve(setup: Setup) -> None:
     assert int(row[5]) == stats["ke_accepted"] >= 1  # NTS-KE connections accepted
     assert int(row[0]) <= stats["ntp_received"] and int(row[7]) <= stats["nts_authenticated"]
     assert int(row[7]) >= 1
+    # clients: the one client of this server (its source is offline now: counts hold still)
+    time.sleep(1.1)  # the server's client log is flushed once a second
+    mine = [r for r in json.loads(subprocess.run(
+        [sys.executable, "-m", "ntspy", "ctl", "-s", str(setup.server.control), "--json",
+         "clients"], capture_output=True, text=True, timeout=30, check=True).stdout)
+        if r["address"] == LOOPBACK]
+    out = chronyc("-h", str(setup.server.control), "-c", "clients")
+    assert out.returncode == 0, out
+    rows = [line.split(",") for line in out.stdout.splitlines() if line.startswith(LOOPBACK)]
+    assert len(mine) == 1 and len(rows) == 1, (mine, out.stdout)
+    assert rows[0][1] == str(mine[0]["ntp_hits"]) and int(rows[0][1]) > 0
+    out = chronyc("-h", str(setup.server.control), "-c", "clients", "-k")
+    ke_row = next(line.split(",") for line in out.stdout.splitlines()
+                  if line.startswith(LOOPBACK))
+    assert ke_row[6] == str(mine[0]["nke_hits"]) == "1", (ke_row, mine)  # NTS-KE column
+
+
+def test_ntspy_serve_over_both_transports(setup: Setup) -> None:
+    """chronyc against `ntspy serve`: its own clock in tracking (as a chronyd with
+    `local stratum 1` and no sources), serverstats and clients over the Unix socket,
+    the same values as ntspy ctl --json; over UDP the open commands only."""
+    port = free_port("udp")
+    server = start_ntspy_server(_open_dir(setup.root / "serve-udp"), [f"cmdport {port}"])
+    try:
+        # some traffic to count: the client of the module polls the first server only
+        out = ctl_json(setup, "tracking")
+        assert out.returncode == 0
+        for where in (["-h", str(server.control)], ["-h", LOOPBACK, "-p", str(port)]):
+            out = chronyc(*where, "-c", "tracking", user=where[1] == LOOPBACK)
+            assert out.returncode == 0, out
+            row = csv(out.stdout)
+            assert row[0] == "7F7F0101" and row[2] == "1" and row[-1] == "Normal", row
+        stats = json.loads(subprocess.run(
+            [sys.executable, "-m", "ntspy", "ctl", "-s", str(server.control), "--json",
+             "serverstats"], capture_output=True, text=True, timeout=30, check=True).stdout)
+        row = csv(chronyc("-h", str(server.control), "-c", "serverstats").stdout)
+        assert int(row[0]) == stats["ntp_received"] and int(row[5]) == stats["ke_accepted"]
+        assert int(row[2]) >= 1  # command packets: chronyc's own requests count
+        out = chronyc("-h", str(server.control), "-c", "clients")
+        assert out.returncode == 0, out  # nobody asked this one for time yet: no rows
+        out = chronyc("-h", LOOPBACK, "-p", str(port), "serverstats", user=True)
+        assert "501 Not authorised" in out.stdout + out.stderr, out
+    finally:
+        server.stop()
 
 
 def test_udp_monitoring_for_everyone_and_unix_only_reports_refused(setup: Setup) -> None:

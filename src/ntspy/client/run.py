@@ -217,6 +217,7 @@ async def _serve(config: Config, clock: ClockControl, options: ClientOptions) ->
     handlers = control_handlers(client, server, shutdown=stop.set)
     control = ControlServer(control_path(config), handlers, udp_addresses(config))
     await control.start()
+    metrics = _start_metrics(config, client, server)  # before the switch: port < 1024 too
     await client.start()  # reads the saved cookies: before the switch, they are root's
     _drop_privileges(config, keep_sys_time=clock.can_control)
     loop = asyncio.get_running_loop()
@@ -232,12 +233,31 @@ async def _serve(config: Config, clock: ClockControl, options: ClientOptions) ->
         task.cancel()
     notify("STOPPING=1")
     log.info("shutting down")
+    if metrics is not None:
+        metrics.stop()
     await control.close()
     await client.stop()
     if server is not None:
         await server.stop()
     sockets.close()
     return 1 if client.fatal else 0
+
+
+def _start_metrics(config: Config, client: ClientDaemon,
+                   server: ServerDaemon | None) -> Any:
+    """``metricsaddress``: the Prometheus endpoint with the client's metrics (and the
+    server's when serving too), started; None when not configured."""
+    if config.metricsaddress is None:
+        return None
+    from ..metrics import MetricsServer
+    from .metrics import client_collector
+
+    metrics = MetricsServer(*config.metricsaddress)
+    metrics.add_collector("client", client_collector(client, asyncio.get_running_loop()))
+    if server is not None:
+        metrics.add_collector("server", server.metrics_collector())
+    metrics.start()  # MetricsBindError (an OSError): one line at start-up
+    return metrics
 
 
 def _on_sighup(client: ClientDaemon, server: ServerDaemon | None) -> None:

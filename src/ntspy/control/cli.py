@@ -159,7 +159,14 @@ def render(command: str, result: Any, configured: bool = False, verbose: bool = 
         return format_serverstats(result)
     if command == "serverkeys":
         lines = ["Key ID    Age", "=============="]
-        lines += [f"{k['id']:08x} {interval(k['age'])}" for k in result]
+        lines += [f"{k['id']:08x} {interval(k['age'])}{'  pending' if k.get('pending') else ''}"
+                  for k in result if "id" in k]
+        for row in result:
+            if "keystore" in row:  # ntskeystore: the fleet's state as this server sees it
+                ks = row["keystore"]
+                lines.append(f"key store: {'reachable' if ks['connected'] else 'UNREACHABLE'}, "
+                             f"ring serial {ks['serial']}, {ks['members']} members"
+                             f"{', this server rotates' if ks['leader'] else ''}")
         return "\n".join(lines) + "\n"
     if command == "reload":
         return f"{result['added']} sources added, {result['removed']} removed\n"
@@ -174,9 +181,34 @@ def render(command: str, result: Any, configured: bool = False, verbose: bool = 
                 f"{result['unresolved']} sources with unknown address\n")
     if command == "selectdata":
         return render_selectdata(result, configured)
+    if command == "clients":
+        return render_clients(result)
     if command in _DONE:
         return "200 OK\n"
     return json.dumps(result, indent=2) + "\n"
+
+
+CLIENTS_HEADER = "Hostname                      NTP   Drop Int IntL Last  NTS-KE   Drop Int  Last"
+
+
+def _count(n: int) -> str:
+    """chronyc's %N: a count in 6 columns, with k/M/G past what fits."""
+    for unit, scale in (("", 1), ("K", 10**3), ("M", 10**6), ("G", 10**9)):
+        if n < 10**6 * scale:
+            return f"{n // scale}{unit}"
+    return f"{n // 10**9}G"
+
+
+def render_clients(rows: list[dict[str, Any]]) -> str:
+    """chronyc clients -k's layout (ntspy keeps no per-client interval estimates:
+    those columns are '-')."""
+    out = header(CLIENTS_HEADER)
+    for r in rows:
+        out += (f"{str(r['address'])[:25]:<25} {_count(int(r['ntp_hits'])):>6} "
+                f"{_count(int(r['ntp_drops'])):>6}   -    - {interval(r.get('last_ntp_ago'))}"
+                f"  {_count(int(r['nke_hits'])):>6} {_count(int(r['nke_drops'])):>6}   -  "
+                f"{interval(r.get('last_nke_ago'))}\n")
+    return out
 
 
 SELECTDATA_HEADER = "S Name/IP Address        Auth COpts EOpts Last Score     Interval  Leap"

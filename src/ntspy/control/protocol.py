@@ -31,9 +31,11 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import stat
 import struct
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -277,16 +279,21 @@ async def request(path: Path, command: str, args: list[str] | None = None,
     """Send one command to the daemon at ``path`` and return its result.
 
     Over the Unix socket with ntspy's JSON extension of chrony's protocol: the
-    result is the daemon's view whole, paged if it is long.  Our own end is an
-    abstract socket, so it needs no directory we can write to.
+    result is the daemon's view whole, paged if it is long.  Our own end is a
+    socket in a fresh directory of ours (as chronyc's, a path: an abstract name
+    would not reach a daemon in another network namespace), open to the daemon
+    whatever user it runs as; answers are matched by their random sequence.
     """
     pager = candm.JsonPager(command, args or [])
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + timeout
+    own = Path(tempfile.mkdtemp(prefix="ntspy-ctl-"))
     try:
-        sock.bind(f"\0ntspy-ctl-{os.getpid()}-{secrets.token_hex(6)}")
+        own.chmod(0o711)  # the daemon may pass through, not list
+        sock.bind(str(own / "ctl.sock"))
+        os.chmod(own / "ctl.sock", 0o666)
         try:
             sock.connect(str(path))
         except FileNotFoundError:
@@ -299,6 +306,7 @@ async def request(path: Path, command: str, args: list[str] | None = None,
             await _exchange(loop, sock, pager, deadline, path)
     finally:
         sock.close()
+        shutil.rmtree(own, ignore_errors=True)
     reply = pager.result()
     if not isinstance(reply, dict) or not reply.get("ok"):
         error = reply.get("error", "command failed") if isinstance(reply, dict) else "bad reply"

@@ -73,6 +73,8 @@ class KeyRing:
         self.kept = kept
         self._ring: tuple[tuple[MasterKey, ...], dict[int, Aead]] = ((), {})
         self._pending: tuple[MasterKey, ...] = ()
+        self.version = 0
+        """Grows with every change of the ring (caches of it compare this)."""
         self.replace(keys)
 
     def replace(self, keys: Iterable[MasterKey], pending: Iterable[MasterKey] = ()) -> None:
@@ -91,6 +93,7 @@ class KeyRing:
         aeads = {k.key_id: Aead(MASTER_KEY_ALGORITHM, k.key) for k in (*kept, *waiting)}
         self._pending = waiting
         self._ring = (kept, aeads)
+        self.version += 1
 
     @property
     def pending(self) -> list[MasterKey]:
@@ -125,6 +128,7 @@ class KeyRing:
         new.update((k.key_id, aeads[k.key_id]) for k in (*kept[1:], *waiting))
         self._pending = waiting
         self._ring = (kept, new)
+        self.version += 1
 
     def _current(self) -> tuple[MasterKey, Aead]:
         keys, aeads = self._ring

@@ -4,7 +4,8 @@ One process by default; with ``ntsprocesses N`` (N > 1) the main process
 binds the sockets, forks N workers that all answer NTP and NTS-KE on them,
 and keeps the jobs that must happen once: master key rotation (workers pick
 new keys up from the key file), the control socket and adding up the
-counters, which live in shared memory.
+counters, which live in shared memory, as does the client log (``clients``),
+and the Prometheus endpoint (``metricsaddress``), which reads them.
 """
 
 from __future__ import annotations
@@ -25,26 +26,32 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..clock import Clock, SystemClock
 from ..config import Config, RateLimit, load_config
-from ..control.protocol import DEFAULT_SOCKET, ControlServer
+from ..control.protocol import DEFAULT_SOCKET, ControlServer, udp_addresses
 from ..errors import CertificateError, ConfigError, NtsError, StateFileError
 from ..net.tls import ServerContexts
 from ..net.udp import UdpServer
 from ..pidfile import AlreadyRunning, PidFile
 from ..privileges import PrivilegeError, drop_to, hand_over, lookup
 from ..proto import aead
-from ..proto.ntp import unix_ns_to_ntp
+from ..proto.ntp import Leap, unix_ns_to_ntp
 from ..sdnotify import notify
 from .access import AccessTable
+from .clientlog import ClientLog, ClientLogTable
+from .fleet import Fleet, KeyStoreError, StoreConfig
 from .ke_server import KeServer
 from .keys import KeyStore
 from .negotiation import KePolicy
 from .ratelimit import RateLimiter
 from .responder import RandomPool, Responder, SyncState
 from .stats import StatsTable, format_serverstats
+
+if TYPE_CHECKING:  # prometheus_client is imported only with metricsaddress
+    from ..metrics import MetricsServer
+    from .collector import ServerCollector
 
 log = logging.getLogger("ntspy.server")
 
@@ -160,15 +167,27 @@ class ServerDaemon:
         worker: int = 0,
         manage_keys: bool = True,
         key_dir: Path | None = None,
+        clients: ClientLogTable | None = None,
     ) -> None:
+        """``clients``: the client log shared with the other processes (workers);
+        without it, one of this process's own unless ``noclientlog``."""
         self.config = config
         self.sockets = sockets
         self.clock = clock or SystemClock()
         self.stats_table = stats or StatsTable()
         self.stats = self.stats_table.row(worker)
+        self.worker = worker
+        if clients is None and not config.noclientlog:
+            clients = ClientLogTable(1, config.clientloglimit)
+        self.clients_table = clients
+        self.client_log: ClientLog | None = None  # this process's writer, once serving
         self.manage_keys = manage_keys
-        self.keys = KeyStore(key_dir or config.ntsdumpdir, config.ntsrotate,
+        # ntskeystore: the fleet rotates the ring (server/fleet.py), not this server alone.
+        self.fleet_store = StoreConfig.from_config(config) if manage_keys else None
+        self.keys = KeyStore(key_dir or config.ntsdumpdir,
+                             0 if self.fleet_store is not None else config.ntsrotate,
                              trusted_uids=_user_uids(config))
+        self.fleet: Fleet | None = None
         self.contexts: ServerContexts | None = None
         self.responder: Responder | None = None
         self.ke_server: KeServer | None = None
@@ -185,14 +204,18 @@ class ServerDaemon:
         now_s = self.clock.now_ns() // 1_000_000_000
         if self.manage_keys:
             self.keys.load(now_s)
+            await self.start_fleet()
         else:
             self.keys.refresh()
+        if self.clients_table is not None:
+            self.client_log = self.clients_table.log(self.worker)
         responder = Responder(
             self.keys.ring,
             self.stats,
             RandomPool(),
             access=AccessTable(self.config.access),
             ratelimit=_limiter(self.config.ratelimit),
+            clients=self.client_log,
         )
         self.responder = responder
         self._update_sync_state()
@@ -222,10 +245,30 @@ class ServerDaemon:
                 session_timeout=self.config.ntssessiontimeout,
                 ratelimit=_limiter(self.config.ntsratelimit),
                 access=self.config.is_allowed,
+                clients=self.client_log,
             )
             for sock in self.sockets.ke:
                 await self.ke_server.start(None, 0, sock=sock)
         self._tasks.append(asyncio.create_task(self._housekeeping()))
+
+    async def start_fleet(self, settle: float = 0.0, loop: bool = True) -> None:
+        """With ``ntskeystore``: one look at the fleet's ring before serving, then keep
+        in step (``loop``); ``settle``: how long our workers take to load a change."""
+        if self.fleet_store is None or self.fleet is not None:
+            return
+        fleet = Fleet(self.fleet_store, self.keys.ring, self.config.ntsrotate,
+                      self.keys.try_save, settle=settle)
+        if loop:
+            self.fleet = fleet
+            await fleet.start()
+        else:
+            await fleet.step()
+            await fleet.stop()
+
+    async def stop_fleet(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.stop()
+            self.fleet = None
 
     @property
     def ntp_port(self) -> int:
@@ -257,6 +300,12 @@ class ServerDaemon:
             except (OSError, NtsError) as exc:
                 log.error("NTS key housekeeping failed: %s", exc)
             self.refresh_counters()
+            self.flush_clients()
+
+    def flush_clients(self) -> None:
+        """Publish this process's NTP hits to the shared client log (see clientlog.py)."""
+        if self.client_log is not None:
+            self.client_log.flush(self.clock.now_ns())
 
     def refresh_counters(self) -> None:
         kernel = sum(u.stats.kernel_rx_timestamps for u in self.udp)
@@ -284,10 +333,12 @@ class ServerDaemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.refresh_counters()
+        self.flush_clients()
         for u in self.udp:
             u.close()
         if self.ke_server is not None:
             await self.ke_server.close()
+        await self.stop_fleet()
         if self.manage_keys:
             self.keys.try_save()
 
@@ -296,11 +347,66 @@ class ServerDaemon:
             self.refresh_counters()
             return self.stats_table.totals()
 
-        async def keys(args: list[str]) -> list[dict[str, int]]:
+        async def keys(args: list[str]) -> list[dict[str, Any]]:
             now = self.clock.now_ns() // 1_000_000_000
-            return [{"id": k.key_id, "age": now - k.created} for k in self.keys.ring.keys]
+            ring = self.keys.ring
+            rows: list[dict[str, Any]] = [{"id": k.key_id, "age": now - k.created}
+                                          for k in ring.keys]
+            rows += [{"id": k.key_id, "age": now - k.created, "pending": True}
+                     for k in ring.pending]
+            if self.fleet is not None:  # the fleet's view, on every row's neighbour
+                st = self.fleet.status
+                rows.append({"keystore": {"connected": st.connected, "leader": st.leader,
+                                          "serial": st.serial, "members": st.members,
+                                          "errors": st.errors}})
+            return rows
 
-        return {"serverstats": serverstats, "serverkeys": keys}
+        async def clients(args: list[str]) -> list[dict[str, Any]]:
+            # Every process's entries, merged by address; this process's are exact,
+            # a worker's NTP columns up to one housekeeping round (1 s) old.
+            if self.clients_table is None:
+                return []
+            self.flush_clients()
+            return self.clients_table.to_json(self.clock.now_ns())
+
+        return {"serverstats": serverstats, "serverkeys": keys, "clients": clients}
+
+    def own_clock_handlers(self) -> dict[str, Any]:
+        """What ``ntspy serve`` alone says of its clock for chronyc's client views: it
+        serves ``local stratum N`` and has no sources (as a chronyd with no sources)."""
+
+        async def tracking(args: list[str]) -> dict[str, Any]:
+            state = self.responder.state if self.responder is not None else None
+            synced = state is not None and state.leap != Leap.UNSYNCHRONIZED
+            return {
+                "synchronised": synced, "reference": "127.127.1.1" if synced else None,
+                "stratum": state.stratum if state is not None else 0,
+                "leap": int(state.leap) if state is not None else 3,
+                "ref_time_ns": self.clock.now_ns() if synced else None,
+                "system_time_offset": 0.0, "last_offset": 0.0, "rms_offset": 0.0,
+                "frequency_ppm": 0.0, "residual_freq_ppm": 0.0, "skew_ppm": 0.0,
+                "root_delay": state.root_delay if state is not None else 0.0,
+                "root_dispersion": state.root_dispersion if state is not None else 0.0,
+                "update_interval": 0.0, "updates": 0, "clock_control": False,
+            }
+
+        async def none(args: list[str]) -> list[dict[str, Any]]:
+            return []
+
+        async def activity(args: list[str]) -> dict[str, int]:
+            return dict.fromkeys(("online", "offline", "burst_online", "burst_offline",
+                                  "unresolved"), 0)
+
+        return {"tracking": tracking, "sources": none, "sourcestats": none, "ntpdata": none,
+                "authdata": none, "selectdata": none, "activity": activity}
+
+    def metrics_collector(self) -> ServerCollector:
+        """The server's metrics (all processes) for :class:`~ntspy.metrics.MetricsServer`."""
+        _allow_ssl()
+        from .collector import ServerCollector
+
+        return ServerCollector(self.stats_table, lambda: self.keys.ring,
+                               lambda: self.clock.now_ns() / 1e9, self.clients_table)
 
 
 # ---------------------------------------------------------------------------
@@ -380,7 +486,7 @@ def run(args: argparse.Namespace) -> int:
             return _serve_workers(config, account)
         finally:
             pidfile.release()
-    except (ConfigError, CertificateError, AlreadyRunning, StateFileError) as exc:
+    except (ConfigError, CertificateError, AlreadyRunning, StateFileError, KeyStoreError) as exc:
         print(f"ntspy: {exc}", file=sys.stderr)
         return 1
     except PrivilegeError as exc:
@@ -389,6 +495,33 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"ntspy: cannot start the server: {exc}", file=sys.stderr)
         return 1
+
+
+def start_metrics(config: Config, daemon: ServerDaemon) -> MetricsServer | None:
+    """The ``metricsaddress`` endpoint serving ``daemon``'s metrics, started, or None
+    when not configured; :class:`~ntspy.metrics.MetricsBindError` if it cannot listen."""
+    if config.metricsaddress is None:
+        return None
+    _allow_ssl()
+    from ..metrics import MetricsServer
+
+    server = MetricsServer(*config.metricsaddress)
+    server.add_collector("server", daemon.metrics_collector())
+    server.start()
+    return server
+
+
+def _allow_ssl() -> None:
+    """Let ``import ssl`` work again: a lean ``ntspy serve`` keeps it out (cli.py,
+    ~5 MiB per process), but prometheus_client imports it.  Only the process that
+    serves the metrics (the supervisor, or the one server process) pays for it."""
+    if "ssl" in sys.modules and sys.modules["ssl"] is None:
+        del sys.modules["ssl"]
+
+
+def _stop_metrics(server: MetricsServer | None) -> None:
+    if server is not None:
+        server.stop()
 
 
 def _stop_event() -> asyncio.Event:
@@ -416,8 +549,17 @@ async def _serve(config: Config, account: pwd.struct_passwd | None = None) -> in
     await daemon.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, daemon.reload_certificates)
-    control = ControlServer(control_path(config), daemon.control_handlers())
+    control = ControlServer(control_path(config),
+                            {**daemon.own_clock_handlers(), **daemon.control_handlers()},
+                            udp_addresses(config))
     await control.start()
+    try:
+        metrics = start_metrics(config, daemon)
+    except OSError:
+        await control.close()
+        await daemon.stop()
+        sockets.close()
+        raise
     drop_privileges(account, [config.ntsdumpdir])
     log.info("serving NTP on port %d and NTS-KE on port %d", daemon.ntp_port, daemon.ke_port)
     stop = _stop_event()
@@ -426,6 +568,7 @@ async def _serve(config: Config, account: pwd.struct_passwd | None = None) -> in
     await stop.wait()
     notify("STOPPING=1")
     log.info("shutting down")
+    _stop_metrics(metrics)
     await control.close()
     await daemon.stop()
     sockets.close()
@@ -442,9 +585,13 @@ def _serve_workers(config: Config, account: pwd.struct_passwd | None = None) -> 
         # keep it in a private directory that lives as long as the server.
         private_keys = tempfile.TemporaryDirectory(prefix="ntspy-keys-")
         key_dir = Path(private_keys.name)
-    main = ServerDaemon(config, Sockets(), stats=stats, key_dir=key_dir)
+    clients = (None if config.noclientlog
+               else ClientLogTable(config.ntsprocesses, config.clientloglimit, shared=True))
+    main = ServerDaemon(config, Sockets(), stats=stats, key_dir=key_dir, clients=clients)
     main.load_credentials()  # fail at start-up, before forking, on a bad certificate
     main.keys.load(int(time.time()))
+    # ntskeystore: the workers start with the fleet's ring (one look, before forking)
+    asyncio.run(main.start_fleet(loop=False))
     children: dict[int, int] = {}
 
     def spawn(worker: int) -> None:
@@ -454,7 +601,8 @@ def _serve_workers(config: Config, account: pwd.struct_passwd | None = None) -> 
             code = 1
             try:
                 _die_with_parent(parent)
-                code = asyncio.run(_worker(config, sockets, stats, worker, key_dir, account))
+                code = asyncio.run(_worker(config, sockets, stats, worker, key_dir, account,
+                                           clients))
             finally:
                 os._exit(code)
         children[pid] = worker
@@ -521,10 +669,11 @@ def _die_with_parent(parent: int) -> None:
 
 async def _worker(
     config: Config, sockets: Sockets, stats: StatsTable, worker: int, key_dir: Path,
-    account: pwd.struct_passwd | None = None,
+    account: pwd.struct_passwd | None = None, clients: ClientLogTable | None = None,
 ) -> int:
     daemon = ServerDaemon(
-        config, sockets, stats=stats, worker=worker, manage_keys=False, key_dir=key_dir
+        config, sockets, stats=stats, worker=worker, manage_keys=False, key_dir=key_dir,
+        clients=clients,
     )
     await daemon.start()
     if account is not None:
@@ -541,8 +690,18 @@ async def _supervise(
     config: Config, main: ServerDaemon, children: dict[int, int], spawn: Any,
     account: pwd.struct_passwd | None = None, key_dir: Path | None = None,
 ) -> int:
-    control = ControlServer(control_path(config), main.control_handlers())
+    control = ControlServer(control_path(config),
+                            {**main.own_clock_handlers(), **main.control_handlers()},
+                            udp_addresses(config))
     await control.start()
+    try:
+        metrics = start_metrics(config, main)
+    except OSError:
+        await control.close()
+        raise
+    # Workers reload the key file once a housekeeping round: a change the fleet
+    # makes reaches all of them within two.
+    await main.start_fleet(settle=2 * HOUSEKEEPING_INTERVAL + 0.5)
     drop_privileges(account, [key_dir])
     stop = _stop_event()
     loop = asyncio.get_running_loop()
@@ -571,6 +730,8 @@ async def _supervise(
             if worker is not None and not stop.is_set():
                 log.error("worker %d (pid %d) exited with %d; restarting", worker, pid, status)
                 spawn(worker)
+    await main.stop_fleet()
+    _stop_metrics(metrics)
     await control.close()
     return 0
 

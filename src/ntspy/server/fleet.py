@@ -271,6 +271,12 @@ class StoreConfig:
             self.prefix = prefix[0]
         return kwargs
 
+    def redis_url(self) -> str:
+        """The URL for the Redis client: ours without the ``prefix`` query (ntspy's)."""
+        parts = urlsplit(self.url)
+        query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("prefix="))
+        return parts._replace(query=query).geturl()
+
 
 @dataclass
 class FleetStatus:
@@ -290,9 +296,11 @@ class Fleet:
     store; ``on_change()`` is called after every local change (save it, tell workers)."""
 
     def __init__(self, store: StoreConfig, ring: KeyRing, rotate_interval: int,
-                 on_change: Callable[[], None], *, clock: Callable[[], float] = time.time,
-                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
-        import redis.asyncio as aioredis  # an optional dependency of serving a fleet only
+                 on_change: Callable[[], object], *, clock: Callable[[], float] = time.time,
+                 random_bytes: Callable[[int], bytes] = os.urandom, settle: float = 0.0) -> None:
+        """``settle``: seconds a loaded ring takes to reach every process that serves
+        (worker processes reload the key file): only then is it reported as held."""
+        import redis.asyncio as aioredis
 
         self.store = store
         self.ring = ring
@@ -301,9 +309,12 @@ class Fleet:
         self.clock = clock
         self.random_bytes = random_bytes
         self.wrapper = Wrapper.from_file(store.key_file)
-        self.redis = aioredis.Redis.from_url(store.url, **store.redis_kwargs())
+        self.redis = aioredis.Redis.from_url(store.redis_url(), **store.redis_kwargs())
         self.member_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.status = FleetStatus()
+        self.settle = settle
+        self._loaded: list[tuple[float, int]] = []  # (monotonic time, serial) adopted
+        self._held = 0
         self.local: RingDoc | None = None
         if ring.keys or ring.pending:
             self.local = RingDoc(0, tuple(ring.keys), ring.pending[0] if ring.pending else None)
@@ -413,8 +424,7 @@ class Fleet:
         # What we hold now: the lease holder makes a pending key current only once
         # every live member has said it holds it.
         await r.hset(self._k_members, self.member_id,
-                     json.dumps({"serial": self.local.serial if self.local else 0,
-                                 "seen": now}))
+                     json.dumps({"serial": self._held_serial(), "seen": now}))
 
     async def _lease(self, poll_ms: int) -> bool:
         ttl = LEASE_POLLS * poll_ms
@@ -449,10 +459,18 @@ class Fleet:
         self.status.members = live
         return ok
 
+    def _held_serial(self) -> int:
+        """The newest serial every serving process of ours has had ``settle`` s to load."""
+        mono = time.monotonic()
+        while self._loaded and mono - self._loaded[0][0] >= self.settle:
+            self._held = max(self._held, self._loaded.pop(0)[1])
+        return self._held
+
     def _adopt(self, doc: RingDoc) -> None:
         before = self.local.ids() if self.local else None
         self.ring.replace(doc.keys, [doc.pending] if doc.pending is not None else [])
         self.local = doc
+        self._loaded.append((time.monotonic(), doc.serial))
         self.status.serial = doc.serial
         if before != doc.ids():
             self.status.history.append(f"serial {doc.serial}")

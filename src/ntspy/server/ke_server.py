@@ -16,6 +16,9 @@ AEAD) and ``ke_failed`` (TLS failure, timeout, hang-up; timeouts are also
 counted in ``ke_timeouts``).  A connection refused at the door counts as
 ``ke_denied`` (allow/deny) or as ``ke_dropped``, with one reason when a limit refused it:
 ``ke_drop_full``, ``ke_drop_client`` (its share), ``ke_drop_rate``.
+A completed exchange also counts its cookies (``ke_cookies``) and its
+latency, accept to answer, in the handshake histogram (stats.py); every
+connection, admitted or not, is logged in the client log (clientlog.py).
 
 Two interchangeable ways to serve a listening socket, with the same
 answers, counters and log lines:
@@ -48,7 +51,8 @@ from ..errors import KeProtocolError, NtsError
 from ..net.tls import HAVE_NATIVE_KE, NTSKE_ALPN, ServerContexts, ServerTls, handshake_error
 from ..proto import ke
 from ..proto.cookies import KeyRing
-from .negotiation import KePolicy, Negotiator, negotiate
+from .clientlog import ClientLog
+from .negotiation import KeOutcome, KePolicy, Negotiator, negotiate
 from .ratelimit import RateLimiter, Verdict
 from .stats import ServerStats
 
@@ -84,10 +88,14 @@ class KeServer:
         client_connections: int = CLIENT_CONNECTIONS,
         use_native: bool = True,
         access: Callable[[str], bool] | None = None,
+        clients: ClientLog | None = None,
     ) -> None:
         """``access`` is the ``allow``/``deny`` rule set, asked at accept, before TLS:
-        a denied address gets no handshake, let alone cookies (as chronyd)."""
+        a denied address gets no handshake, let alone cookies (as chronyd).
+        ``clients``: the client log every connection is counted in."""
         self.contexts = contexts
+        self.clients = clients
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.access = access
         self.keyring = keyring
         self.policy = policy
@@ -120,7 +128,7 @@ class KeServer:
 
     async def start(self, host: str | None, port: int, sock: socket.socket | None = None) -> None:
         """Listen on ``sock`` if given, else on ``host``:``port`` (0: any free port)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         if self.native:
             for listening in [sock] if sock is not None else _listen(host, port):
                 self._listeners.append(_NativeListener(self, listening))
@@ -182,6 +190,26 @@ class KeServer:
         self.stats.add("ke_dropped")
         self.stats.add(reason)
         return False
+
+    def log_client(self, address: str, dropped: bool, when_ns: int | None = None) -> None:
+        """Count a connection from ``address`` in the client log (event loop thread)."""
+        if self.clients is not None:
+            self.clients.nke(address, time.time_ns() if when_ns is None else when_ns, dropped)
+
+    def log_client_threadsafe(self, address: str, dropped: bool) -> None:
+        """:meth:`log_client` from another thread (the compiled engine's)."""
+        loop = self._loop
+        if self.clients is None or loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closing: nobody reads it now
+            loop.call_soon_threadsafe(self.log_client, address, dropped, time.time_ns())
+
+    def completed(self, outcome: KeOutcome, seconds: float) -> None:
+        """Count a KE answered with cookies, ``seconds`` after its accept."""
+        stats = self.stats
+        stats.add("ke_completed")
+        stats.add("ke_cookies", outcome.cookies)
+        stats.observe_handshake(seconds)
 
     def timed_out_message(self, phase: str) -> str:
         """The log words for a session that ran out of time (both back ends)."""
@@ -275,6 +303,7 @@ class KeServerProtocol(asyncio.BufferedProtocol):
     """
 
     __slots__ = (
+        "_accepted_ns",
         "_address",
         "_phase",
         "_reader",
@@ -289,6 +318,7 @@ class KeServerProtocol(asyncio.BufferedProtocol):
         self._server = server
         self._phase = _DONE  # until connection_made admits the connection
         self._address = "?"
+        self._accepted_ns = 0
         self._transport: asyncio.Transport | None = None
         self._tls: ServerTls | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -303,11 +333,14 @@ class KeServerProtocol(asyncio.BufferedProtocol):
         server = self._server
         peer: Any = transport.get_extra_info("peername")
         address = self._address = str(peer[0]) if peer else "?"
+        self._accepted_ns = time.monotonic_ns()
         if not server.allowed(address):
+            server.log_client(address, True)
             transport.abort()
             return
         key = client_key(address)
         if not server.admit(address, server._per_client.get(key, 0), server.active):
+            server.log_client(address, True)
             transport.abort()
             return
         try:
@@ -315,9 +348,11 @@ class KeServerProtocol(asyncio.BufferedProtocol):
             self._tls = ServerTls(server.contexts, who)
         except Exception:  # a TLS library surprise must not kill the server
             server.stats.add("ke_dropped")
+            server.log_client(address, True)
             log.exception("cannot set up TLS for an NTS-KE connection from %s", address)
             transport.abort()
             return
+        server.log_client(address, False)
         server._protocols_active += 1
         server._per_client[key] = server._per_client.get(key, 0) + 1
         server._live.add(self)
@@ -438,7 +473,8 @@ class KeServerProtocol(asyncio.BufferedProtocol):
             self._finish("ke_errors")
             log.info("NTS-KE from %s refused: %s", self._address, outcome.reason)
         else:
-            self._finish("ke_completed")
+            self._phase = _DONE
+            server.completed(outcome, (time.monotonic_ns() - self._accepted_ns) / 1e9)
         self._close()
 
     def _refuse(self, exc: KeProtocolError) -> None:
@@ -572,7 +608,8 @@ class _NativeListener:
     :meth:`on_failed` from the engine, so the counters add up as in the
     asyncio path.  The engine calls them on its own thread, holding the GIL:
     they touch only the counters, the rate limiter, the key ring (replaced
-    whole on rotation) and the log.
+    whole on rotation) and the log, and hand the client log's entries to the
+    event loop's thread (``call_soon_threadsafe``): that log has one writer.
     """
 
     __slots__ = ("engine", "server", "sock")
@@ -598,13 +635,16 @@ class _NativeListener:
     def on_accept(self, host: str, same: int) -> bool:
         server = self.server
         if not server.allowed(host):
+            server.log_client_threadsafe(host, True)
             return False
         # One listener (the usual case): its engine's count is the server's.
         # The engine counts the new connection as active already.
         active = self.engine.active if len(server._listeners) == 1 else server.active
         if server.admit(host, same, active - 1):
             server.stats.add("ke_accepted")
+            server.log_client_threadsafe(host, False)
             return True
+        server.log_client_threadsafe(host, True)
         return False
 
     def on_request(self, data: bytes, eof: bool) -> bytes:
@@ -624,7 +664,7 @@ class _NativeListener:
             server.stats.add("ke_errors")
             log.info("NTS-KE from %s refused: %s", self.engine.peer(), outcome.reason)
         else:
-            server.stats.add("ke_completed")
+            server.completed(outcome, self.engine.elapsed())
         return outcome.response
 
     def on_failed(self, who: str | None, kind: str, detail: str | bytes | None) -> None:

@@ -34,6 +34,7 @@ class KeOutcome:
     error_code: int | None = None  # set when we answered with an Error record
     aead_id: int | None = None
     reason: str = ""
+    cookies: int = 0  # New Cookie records in ``response``
 
 
 def negotiate(
@@ -76,7 +77,8 @@ class AnswerPlan:
         cookies = keyring.seal_many(CookieKeys(self.aead_id, c2s, s2c), nonces)
         header = self.cookie_header
         body = b"".join([header + cookie for cookie in cookies])
-        return KeOutcome(self.head + body + self.tail, aead_id=self.aead_id)
+        return KeOutcome(self.head + body + self.tail, aead_id=self.aead_id,
+                         cookies=len(cookies))
 
 
 def plan_answer(records: Sequence[ke.Record], policy: KePolicy) -> AnswerPlan | KeOutcome:

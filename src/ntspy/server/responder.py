@@ -34,6 +34,7 @@ from ..proto.ntp import (
     unix_ns_to_ntp,
 )
 from .access import AccessTable
+from .clientlog import ClientLog
 from .ratelimit import RateLimiter, Verdict
 from .stats import ServerStats, counter_index
 
@@ -78,6 +79,7 @@ _AUTHENTICATED = counter_index("nts_authenticated")
 _NAKS = counter_index("nts_naks")
 _AUTH_FAILURES = counter_index("nts_auth_failures")
 _DAEMON_TX = counter_index("daemon_tx")
+_NTS_COOKIES = counter_index("nts_cookies")
 
 # Offsets of one NTS request in the usual layout: end of the unique id EF,
 # cookie body start and end, placeholder count, authenticator EF start, nonce
@@ -255,18 +257,22 @@ class Responder:
         access: AccessTable | None = None,
         ratelimit: RateLimiter | None = None,
         fastpath: bool = True,
+        clients: ClientLog | None = None,
     ) -> None:
+        """``clients``: the client log to count each logged request in (``clientloglimit``;
+        None: ``noclientlog``)."""
         self.keyring = keyring
         self.stats = stats
         self.random_bytes = random_bytes
         self.access = access
         self.ratelimit = ratelimit
         self.fastpath = fastpath
+        self.clients = clients
         self.state = SyncState()
         self._aeads = AeadCache()
         self._sessions: dict[bytes, _Session] = {}
         self._counts: dict[tuple[int, int, int, int, int], int] = {}
-        self._ring_current: object = None
+        self._ring_version = -1
         self._masters: dict[int, Aead] = {}
         self._seal_key_id = 0
         self._seal_prefix = b""
@@ -287,6 +293,18 @@ class Responder:
         self._mid = _MID.pack(state.precision, rd, rdisp, state.reference_id, state.reference_ts)
         self._mid_rate = _MID.pack(state.precision, rd, rdisp, KISS_RATE, state.reference_ts)
         self._mid_nak = _MID.pack(state.precision, rd, rdisp, KISS_NTS_NAK, state.reference_ts)
+
+    @property
+    def clients(self) -> ClientLog | None:
+        """The client log each request is counted in (None: ``noclientlog``)."""
+        return self._clients
+
+    @clients.setter
+    def clients(self, clients: ClientLog | None) -> None:
+        self._clients = clients
+        # The fast path counts a hit itself: ClientLog.ntp inlined.
+        self._client_index = clients.index if clients is not None else None
+        self._client_hits = clients.hits if clients is not None else []
 
     @property
     def stats(self) -> ServerStats:
@@ -327,11 +345,20 @@ class Responder:
             verdict = self.ratelimit.check(address, rx_ns)
             if verdict is Verdict.DROP:
                 view[base + _DROPPED] += 1
+                if self._clients is not None:
+                    self._clients.ntp_drop(address, rx_ns)
                 return None
             if verdict is Verdict.LEAK:
                 rate = True
                 view[base + _RATE_KOD] += 1
         view[base + _RECEIVED] += 1
+        index = self._client_index
+        if index is not None:
+            try:
+                slot = index[address]
+            except KeyError:
+                slot = self._new_client(address, rx_ns)
+            self._client_hits[slot] += 1
         # first byte: leap, version 4 (request's), mode 4; poll echoed as is.
         first = self._first | 0x20
         if rate:
@@ -345,17 +372,22 @@ class Responder:
             )
         return self._nts_fast(data, parsed, first, stratum, mid, rx_ns, tx_clock)
 
+    def _new_client(self, address: str, rx_ns: int) -> int:
+        clients = self._clients
+        assert clients is not None
+        return clients.insert(address, rx_ns)
+
     def _masters_now(self) -> dict[int, Aead]:
-        """The ring's master keys as AEADs, rebuilt whenever the ring changes
-        (every change -- rotation, reload -- installs a new current key)."""
+        """The ring's master keys as AEADs (a fleet's pending key too: it opens
+        cookies before it seals any), rebuilt whenever the ring changes."""
         ring = self.keyring
-        current = ring.current
-        if current is not self._ring_current:
-            self._masters = {k.key_id: Aead(MASTER_KEY_ALGORITHM, k.key) for k in ring.keys}
+        if ring.version != self._ring_version:
+            current = ring.current
+            self._masters = {k.key_id: Aead(MASTER_KEY_ALGORITHM, k.key) for k in ring.accepted}
             self._seal_key_id = current.key_id
             self._seal_prefix = _KEY_ID.pack(current.key_id)
             self._sessions.clear()
-            self._ring_current = current
+            self._ring_version = ring.version
         return self._masters
 
     def _session(self, cookie: bytes) -> _Session | None:
@@ -453,6 +485,7 @@ class Responder:
             if reply is not None:
                 view[base + _AUTHENTICATED] += 1
                 view[base + _DAEMON_TX] += 1
+                view[base + _NTS_COOKIES] += count
                 return reply
         # RFC 8915 s5.7: a cookie we cannot use, or a request that does not
         # authenticate, gets a NAK so the client knows to redo NTS-KE.
@@ -532,6 +565,8 @@ class Responder:
             verdict = self.ratelimit.check(address, rx_ns)
             if verdict is Verdict.DROP:
                 stats.add("ntp_dropped")
+                if self._clients is not None:
+                    self._clients.ntp_drop(address, rx_ns)
                 return None
         # Parse everything before counting, so each packet lands in exactly one
         # of received / malformed / denied / dropped.
@@ -542,6 +577,8 @@ class Responder:
             stats.add("ntp_malformed")
             return None
         stats.add("ntp_received")
+        if self._clients is not None:
+            self._clients.ntp(address, rx_ns)
         reply = self._reply_header(header, rx_ns)
         if verdict is Verdict.LEAK:
             reply.stratum, reply.reference_id = 0, KISS_RATE
@@ -601,5 +638,6 @@ class Responder:
         nonce = rand(nonce_len)
         stats.add("nts_authenticated")
         stats.add("daemon_tx")
+        stats.add("nts_cookies", count)
         reply.transmit_ts = unix_ns_to_ntp(tx_clock())
         return nts.build_response(reply, request.unique_id, cookies, s2c, nonce)

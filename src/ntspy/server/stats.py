@@ -3,10 +3,17 @@
 The counters live in a flat array of 64-bit integers, one row per worker
 process, so forked workers can count without locks and the control socket
 can add the rows up. A single process just uses one row in private memory.
+
+After the named counters, each row holds the NTS-KE handshake latency
+histogram: one count per bucket of :data:`HANDSHAKE_BUCKETS` (not
+cumulative: one addition per observation), then the sum in nanoseconds and
+the number of observations.  Only :meth:`StatsTable.handshake_histogram`
+reads them; ``serverstats`` shows the named counters.
 """
 
 from __future__ import annotations
 
+import bisect
 import mmap
 from dataclasses import dataclass
 
@@ -35,9 +42,22 @@ COUNTERS: tuple[tuple[str, str], ...] = (
     ("ke_drop_full", "NTS-KE dropped: server full"),
     ("ke_drop_client", "NTS-KE dropped: client cap"),
     ("ke_drop_rate", "NTS-KE dropped: rate limit"),
+    ("ke_cookies", "NTS-KE cookies issued"),
+    ("nts_cookies", "NTS cookies in NTP replies"),
 )
 _INDEX = {name: i for i, (name, _) in enumerate(COUNTERS)}
-_WIDTH = len(COUNTERS)
+
+HANDSHAKE_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)
+"""Upper bounds (seconds) of the NTS-KE latency buckets, +Inf after them; the
+session timeout (``ntssessiontimeout``, 2 s by default) ends every session
+before the last finite one."""
+
+_HIST_BASE = len(COUNTERS)  # first bucket; one more for +Inf
+_HIST_SUM = _HIST_BASE + len(HANDSHAKE_BUCKETS) + 1  # nanoseconds
+_HIST_COUNT = _HIST_SUM + 1
+_WIDTH = _HIST_COUNT + 1
 
 
 def counter_index(name: str) -> int:
@@ -68,6 +88,39 @@ class StatsTable:
                 sums[name] += self._view[base + i]
         return sums
 
+    def handshake_histogram(self) -> Histogram:
+        """The NTS-KE latency histogram of all workers together."""
+        width = _WIDTH - _HIST_BASE
+        sums = [0] * width
+        view = self._view
+        for w in range(self.workers):
+            base = w * _WIDTH + _HIST_BASE
+            for i, n in enumerate(view[base:base + width].tolist()):
+                sums[i] += n
+        buckets = len(HANDSHAKE_BUCKETS) + 1
+        return Histogram(HANDSHAKE_BUCKETS, tuple(sums[:buckets]),
+                         sums[buckets] / 1e9, sums[buckets + 1])
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """Observations per bucket (``counts[i]``: those <= ``bounds[i]`` and above the
+    bound before; the last one: above every bound), their sum and number."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float
+    count: int
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, observations <= it)`` per bucket, ``inf`` last (Prometheus)."""
+        out: list[tuple[float, int]] = []
+        total = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
 
 @dataclass(slots=True)
 class ServerStats:
@@ -81,6 +134,13 @@ class ServerStats:
 
     def get(self, name: str) -> int:
         return int(self.view[self.base + _INDEX[name]])
+
+    def observe_handshake(self, seconds: float) -> None:
+        """One NTS-KE session's latency into the histogram."""
+        view, base = self.view, self.base
+        view[base + _HIST_BASE + bisect.bisect_left(HANDSHAKE_BUCKETS, seconds)] += 1
+        view[base + _HIST_SUM] += max(0, int(seconds * 1e9))
+        view[base + _HIST_COUNT] += 1
 
 
 def format_serverstats(totals: dict[str, int]) -> str:
