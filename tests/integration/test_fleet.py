@@ -17,10 +17,12 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ntspy.certs import make_test_pki
 from ntspy.control.protocol import request
@@ -119,6 +121,14 @@ def chronyc(sock: Path, *command: str) -> list[str]:
     return out.stdout.strip().splitlines()
 
 
+def keystore_connected(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    (value,) = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "ntspy_server_keystore_connected"]
+    return float(value)
+
+
 def test_a_fleet_shares_one_ring_through_rotation_and_failures(
         tmp_path: Path, redis: Redis) -> None:
     pki = make_test_pki(tmp_path / "pki", hostnames=("localhost",), ips=(A, B, C, "127.0.0.1"))
@@ -126,11 +136,13 @@ def test_a_fleet_shares_one_ring_through_rotation_and_failures(
     kek.write_bytes(os.urandom(32))
     kek.chmod(0o600)
     port = common_port()
+    metrics_port = free_port("tcp")
     store = [f"ntskeystore redis://127.0.0.1:{redis.port}/0 poll 0.2", f"ntskeystorekey {kek}",
              f"ntsrotate {ROTATE}", f"port {port}", "allow 127.0.0.0/8"]
     servers: dict[str, ServerProc] = {}
-    for name, host, extra, workers in (("a", A, [f"ntsntpserver {B}"], 1), ("b", B, [], 2),
-                                       ("c", C, [], 1)):
+    for name, host, extra, workers in (
+            ("a", A, [f"ntsntpserver {B}"], 1), ("b", B, [], 2),
+            ("c", C, [f"metricsaddress 127.0.0.1 {metrics_port}"], 1)):
         srv = prepare_ntspy_server(tmp_path / name, [*store, f"bindaddress {host}", *extra],
                                    ntsprocesses=workers, certs=pki)
         srv.ntp_port = port
@@ -162,8 +174,10 @@ def test_a_fleet_shares_one_ring_through_rotation_and_failures(
         time.sleep(ROTATE)
         redis.signal(signal.SIGSTOP)  # Redis paused...
         time.sleep(2.0)
+        assert keystore_connected(metrics_port) == 0  # the gauge says so
         redis.signal(signal.SIGCONT)  # ...and back
         time.sleep(ROTATE)
+        assert keystore_connected(metrics_port) == 1
         redis.stop()  # Redis restarted empty: the servers give it the ring back
         redis.start()
         time.sleep(ROTATE)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client.core import Metric
 
@@ -50,6 +51,8 @@ class ServerCollector:
     keyring: Callable[[], KeyRing]
     now_s: Callable[[], float]
     clients: ClientLogTable | None = None
+    fleet: Callable[[], Any] | None = None
+    """``ntskeystore``: the fleet's status (:class:`~ntspy.server.fleet.FleetStatus`) or None."""
 
     def __call__(self) -> list[Metric]:
         t = self.stats.totals()
@@ -93,6 +96,18 @@ class ServerCollector:
                              "Age of the oldest master key still accepted",
                              max(0.0, now - keys[-1].created)))
         out.append(gauge("ntspy_server_keys", "Master keys in the ring", len(keys)))
+        status = self.fleet() if self.fleet is not None else None
+        if status is not None:
+            out.append(gauge("ntspy_server_keystore_connected",
+                             "1 while the fleet's key store (ntskeystore) answers",
+                             int(status.connected)))
+            out.append(gauge("ntspy_server_keystore_leader",
+                             "1 while this server holds the lease to rotate the fleet's keys",
+                             int(status.leader)))
+            out.append(gauge("ntspy_server_keystore_serial",
+                             "Serial of the fleet's key ring this server holds", status.serial))
+            out.append(counter("ntspy_server_keystore_errors",
+                               "Looks at the key store that failed", status.errors))
         if self.clients is not None:
             out.append(gauge("ntspy_server_clients", "Client addresses in the client log",
                              len(self.clients.records())))

@@ -406,7 +406,8 @@ class ServerDaemon:
         from .collector import ServerCollector
 
         return ServerCollector(self.stats_table, lambda: self.keys.ring,
-                               lambda: self.clock.now_ns() / 1e9, self.clients_table)
+                               lambda: self.clock.now_ns() / 1e9, self.clients_table,
+                               lambda: self.fleet.status if self.fleet is not None else None)
 
 
 # ---------------------------------------------------------------------------
