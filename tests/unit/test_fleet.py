@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,3 +207,73 @@ async def test_two_servers_keep_one_ring_through_rotation_pause_and_loss(
     finally:
         for f in fleets:
             await f.stop()
+
+
+def _redis(directory: Path, *args: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([REDIS, "--save", "", "--appendonly", "no", "--dir",
+                             str(directory), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    assert proc.poll() is None, "redis-server did not start"
+    return proc
+
+
+async def _one_look(store: StoreConfig) -> tuple[bool, KeyRing]:
+    ring = KeyRing([MasterKey(7, os.urandom(32), int(time.time()))])
+    fleet = Fleet(store, ring, 3600, lambda: None)
+    try:
+        await fleet.step()
+        return fleet.status.connected, ring
+    finally:
+        await fleet.stop()
+
+
+async def test_unix_socket_password_file_and_tls_with_certificate_checks(
+        tmp_path: Path) -> None:
+    from ntspy.certs import make_test_pki
+
+    kek = tmp_path / "kek"
+    kek.write_bytes(os.urandom(32))
+    kek.chmod(0o600)
+    short = Path(tempfile.mkdtemp(dir="/tmp"))  # Unix socket paths are short
+    procs = []
+    try:
+        # unix:///path, with a password read from a file (and a wrong one refused)
+        sock = short / "redis.sock"
+        procs.append(_redis(tmp_path, "--port", "0", "--unixsocket", str(sock),
+                            "--requirepass", "s3cret word"))
+        good, bad = tmp_path / "pw", tmp_path / "wrong"
+        good.write_text("s3cret word\n")
+        bad.write_text("nope\n")
+        ok, ring = await _one_look(StoreConfig(f"unix://{sock}", kek, password_file=good))
+        assert ok and ring.current.key_id == 7  # it gave the store its ring
+        ok, _ = await _one_look(StoreConfig(f"unix://{sock}", kek, password_file=bad))
+        assert not ok
+        # rediss:// checks the server's certificate against cafile (and its name)
+        pki = make_test_pki(tmp_path / "pki")
+        other = make_test_pki(tmp_path / "other")
+        port = free_port("tcp")
+        procs.append(_redis(tmp_path, "--port", "0", "--tls-port", str(port),
+                            "--tls-cert-file", str(pki.server_cert), "--tls-key-file",
+                            str(pki.server_key), "--tls-ca-cert-file", str(pki.ca_cert),
+                            "--tls-auth-clients", "no"))
+        url = f"rediss://127.0.0.1:{port}/0"
+        ok, _ = await _one_look(StoreConfig(url, kek, ca_file=pki.ca_cert))
+        assert ok
+        ok, _ = await _one_look(StoreConfig(url, kek, ca_file=other.ca_cert))
+        assert not ok  # another CA's certificate: refused
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def test_two_fleets_share_a_redis_with_prefixes(tmp_path: Path) -> None:
+    store = StoreConfig("redis://10.0.0.5:6379/0?prefix=fleet2&health_check_interval=5",
+                        tmp_path / "kek")
+    store.redis_kwargs()
+    assert store.prefix == "fleet2"
+    assert store.redis_url() == "redis://10.0.0.5:6379/0?health_check_interval=5"
+    assert StoreConfig("unix:///run/redis.sock", tmp_path).redis_url() == \
+        "unix:///run/redis.sock"

@@ -273,9 +273,9 @@ class StoreConfig:
 
     def redis_url(self) -> str:
         """The URL for the Redis client: ours without the ``prefix`` query (ntspy's)."""
-        parts = urlsplit(self.url)
-        query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("prefix="))
-        return parts._replace(query=query).geturl()
+        base, _, query = self.url.partition("?")
+        kept = "&".join(q for q in query.split("&") if q and not q.startswith("prefix="))
+        return f"{base}?{kept}" if kept else base
 
 
 @dataclass
