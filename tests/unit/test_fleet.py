@@ -190,18 +190,21 @@ async def test_two_servers_keep_one_ring_through_rotation_pause_and_loss(
         held = [{k.key_id for k in r.accepted} for r in rings]
         await watch(1.5)
         assert [{k.key_id for k in r.accepted} for r in rings] == held
-        assert not fleets[0].status.connected and not fleets[1].status.connected
+        assert not fleets[0].status.connected and not fleets[1].status.connected, \
+            [f.status for f in fleets]
         os.kill(redis_server.proc.pid, signal.SIGCONT)
         await watch(2.0)
-        assert fleets[0].status.connected and fleets[1].status.connected
+        assert fleets[0].status.connected and fleets[1].status.connected, \
+            [f.status for f in fleets]
         # Redis restarted empty: the ring comes back from the servers, not a new one.
         current = {r.current.key_id for r in rings}
         before = {k.key_id for k in rings[0].accepted}
         redis_server.stop()
         redis_server.start()
         await watch(1.0)
-        assert {k.key_id for k in rings[0].accepted} & before
-        assert rings[0].current.key_id in current | {k.key_id for k in rings[1].accepted}
+        assert {k.key_id for k in rings[0].accepted} & before, (rings[0].accepted, before)
+        assert rings[0].current.key_id in current | {k.key_id for k in rings[1].accepted}, \
+            (rings[0].current, current, rings[1].accepted)
         await watch(2.0)
         assert violations == []
     finally:

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from OpenSSL import SSL, crypto
 from OpenSSL._util import lib as _ssl_lib
 
+from ntspy._optional import require_compiled
 from ntspy.errors import (
     CertificateError,
     CertificateVerifyError,
@@ -50,8 +51,7 @@ from ntspy.errors import (
 )
 
 try:  # the optional compiled NTS-KE server loop (src/ntspy/_ke.c), same settings
-    if os.environ.get("NTSPY_NO_ACCEL", "") not in ("", "0"):
-        raise ImportError("disabled by NTSPY_NO_ACCEL")
+    require_compiled()
     from .._ke import TlsContext as NativeTlsContext
 
     HAVE_NATIVE_KE = True

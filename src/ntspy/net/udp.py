@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import struct
 import sys
@@ -25,14 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .._optional import require_compiled
 from ..clock import Clock, SystemClock
 from .dns import getaddrinfo
 
 log = logging.getLogger(__name__)
 
 try:
-    if os.environ.get("NTSPY_NO_ACCEL", "") not in ("", "0"):
-        raise ImportError("disabled by NTSPY_NO_ACCEL")
+    require_compiled()
     from .._accel import recv_batch as _recv_batch
     from .._accel import send_batch as _send_batch
 except ImportError:  # not built, built before it had these, or disabled
@@ -418,21 +417,3 @@ class UdpServer(_Endpoint):
             stats.sent += sent
             stats.send_errors += send_errors
 
-    def _datagram(self, received: Received) -> None:
-        # Not used by the server's own loop; kept for subclasses that call it.
-        try:
-            reply = self.handler(received.data, received.addr, received.rx_ns)
-        except Exception:
-            # A handler bug must not kill the socket for every other client.
-            self.stats.dropped += 1
-            log.exception("UDP handler failed on a datagram from %s", received.addr)
-            return
-        if reply is None:
-            return
-        try:
-            self.sock.sendto(reply, received.addr)
-        except OSError as exc:
-            self.stats.send_errors += 1
-            log.debug("sendto %s failed: %s", received.addr, exc)
-            return
-        self.stats.sent += 1

@@ -12,18 +12,17 @@ import, keeps everything on ``cryptography``.
 from __future__ import annotations
 
 import enum
-import os
 from dataclasses import dataclass
 from functools import cache
 
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV, AESSIV
 
+from .._optional import require_compiled
 from ..errors import AuthenticationFailure
 
 try:
-    if os.environ.get("NTSPY_NO_ACCEL", "") not in ("", "0"):
-        raise ImportError("disabled by NTSPY_NO_ACCEL")
+    require_compiled()
     from .._accel import AesSiv as _FastSiv
     from .._accel import InvalidTag as _FastInvalidTag
 except ImportError:  # not built (no compiler or headers at install time) or disabled

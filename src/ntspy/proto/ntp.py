@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import MalformedPacket
@@ -259,8 +259,3 @@ class NtpPacket:
         return self.header.pack() + b"".join(
             encode_ef(ef.type, ef.body) for ef in self.extensions
         )
-
-
-def pack_efs(fields: Iterable[tuple[int, bytes]]) -> bytes:
-    """Encode several (type, body) extension fields back to back."""
-    return b"".join(encode_ef(t, b) for t, b in fields)

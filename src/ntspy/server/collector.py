@@ -35,7 +35,6 @@ TIMESTAMPS = {
     ("daemon", "rx"): "daemon_rx",
     ("daemon", "tx"): "daemon_tx",
     ("kernel", "rx"): "kernel_rx",
-    ("kernel", "tx"): "kernel_tx",
 }
 
 

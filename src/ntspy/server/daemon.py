@@ -47,7 +47,7 @@ from .keys import KeyStore
 from .negotiation import KePolicy
 from .ratelimit import RateLimiter
 from .responder import RandomPool, Responder, SyncState
-from .stats import StatsTable, format_serverstats
+from .stats import StatsTable
 
 if TYPE_CHECKING:  # prometheus_client is imported only with metricsaddress
     from ..metrics import MetricsServer
@@ -735,7 +735,3 @@ async def _supervise(
     _stop_metrics(metrics)
     await control.close()
     return 0
-
-
-def print_serverstats(totals: dict[str, int]) -> None:
-    sys.stdout.write(format_serverstats(totals))

@@ -319,6 +319,7 @@ class Fleet:
         if ring.keys or ring.pending:
             self.local = RingDoc(0, tuple(ring.keys), ring.pending[0] if ring.pending else None)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._down_reported = False
         self._bad_doc = ""
         p = store.prefix
@@ -341,18 +342,23 @@ class Fleet:
         self._task = asyncio.create_task(self._loop(), name="ntskeystore")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        self._stopping = True
+        task = self._task
+        while task is not None and not task.done():
+            # Python 3.11's wait_for (inside the Redis client) can swallow a
+            # cancellation that meets a finishing read: ask until the task ends.
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
         with contextlib.suppress(Exception):
             await self.redis.hdel(self._k_members, self.member_id)
         with contextlib.suppress(Exception):
             await self.redis.aclose()
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.store.poll)
+            if self._stopping:
+                return
             try:
                 await self.step()
             except Exception:  # the loop must not die: report, go on

@@ -35,7 +35,6 @@ COUNTERS: tuple[tuple[str, str], ...] = (
     ("daemon_rx", "NTP daemon RX timestamps"),
     ("daemon_tx", "NTP daemon TX timestamps"),
     ("kernel_rx", "NTP kernel RX timestamps"),
-    ("kernel_tx", "NTP kernel TX timestamps"),
     # Appended: the indices before them are fixed.
     ("ke_denied", "NTS-KE connections denied"),
     ("ke_timeouts", "NTS-KE sessions timed out"),
