@@ -180,6 +180,38 @@ async def test_tls12_client_is_refused(pki: CertPaths) -> None:
         expect(await srv.settled(), ke_accepted=1, ke_failed=1)
 
 
+async def test_both_back_ends_say_the_same_for_the_same_ending(
+        pki: CertPaths, caplog: pytest.LogCaptureFixture) -> None:
+    """One outcome table (KeEnd, end_message): a wrong ALPN, no ALPN, TLS 1.2, a
+    hang-up mid-handshake and a timeout read the same in either back end."""
+    caplog.set_level("INFO", logger="ntspy.server.ke")
+    async with ke_server(pki, session_timeout=0.5) as srv:
+        ctx = srv.client_context(alpn=False)
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await asyncio.open_connection(LOOPBACK, srv.port, ssl=ctx,
+                                          server_hostname="localhost")
+        reader, writer = await srv.tls(alpn=False)
+        assert await read_all(reader) == b""
+        writer.close()
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await srv.tls(tls12=True)
+        _, writer = await asyncio.open_connection(LOOPBACK, srv.port)
+        writer.write(b"\x16\x03\x01\x00\x05")
+        writer.close()
+        reader, writer = await asyncio.open_connection(LOOPBACK, srv.port)
+        assert await read_all(reader) == b""  # silent: the session deadline
+        writer.close()
+        expect(await srv.settled(5), ke_accepted=5, ke_failed=5, ke_timeouts=1)
+    said = [r.getMessage().split(": ", 1)[1] for r in caplog.records
+            if r.getMessage().startswith("NTS-KE from ")]
+    wanted = ["client offered ALPN h2, http/1.1, not ntske/1", "did not offer ALPN ntske/1",
+              "does not speak TLS 1.3", "client closed the connection during the TLS handshake",
+              "NTS-KE session timed out after 0.5 s in the TLS handshake"]
+    for words in wanted:
+        assert any(words in line for line in said), (words, said)
+
+
 def half_closed_exchange(srv: Running, payload: bytes) -> bytes:
     """Send ``payload``, end our direction of TCP, read the answer (blocking)."""
     ctx = srv.client_context()

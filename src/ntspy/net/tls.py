@@ -469,6 +469,18 @@ def client_context(trust: TrustConfig) -> SSL.Context:
     return ctx
 
 
+class ServerTlsFailure(TlsError):
+    """How :class:`ServerTls` failed, named as the NTS-KE server's outcome table names
+    it (``kind``: ``tls``, ``alpn``, ``no-alpn``, ``tls-receive``; the compiled engine
+    reports the same kinds), with OpenSSL's reason or the offered ALPN list (its wire
+    form, RFC 7301 s3.1) as ``detail``."""
+
+    def __init__(self, message: str, kind: str, detail: str | bytes | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.detail = detail
+
+
 def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
     if NTSKE_ALPN in offered:
         return NTSKE_ALPN
@@ -476,7 +488,9 @@ def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
     # a no_application_protocol alert (RFC 7301 s3.2); do_handshake then raises
     # this very exception.  NO_OVERLAPPING_PROTOCOLS would carry on without ALPN.
     names = ", ".join(p.decode("ascii", "replace") for p in offered) or "nothing"
-    raise TlsError(f"client offered ALPN {names}, not {NTSKE_ALPN.decode()}")
+    wire = b"".join(bytes([len(p)]) + p for p in offered if len(p) < 256)
+    raise ServerTlsFailure(f"client offered ALPN {names}, not {NTSKE_ALPN.decode()}",
+                           "alpn", wire)
 
 
 # Key exchange groups the server prefers, cheapest first (docs/performance.md):
@@ -1083,15 +1097,19 @@ class ServerTls:
             conn.do_handshake()
         except SSL.WantReadError:
             return False
-        except TlsError as e:  # from the ALPN callback
-            raise TlsError(f"{self.who}: {e}") from None
+        except ServerTlsFailure as e:  # from the ALPN callback
+            raise ServerTlsFailure(f"{self.who}: {e}", e.kind, e.detail) from None
         except SSL.Error as e:
-            raise handshake_error(_ssl_reason(e), self.who, self.who) from None
+            reason = _ssl_reason(e)
+            raise ServerTlsFailure(str(handshake_error(reason, self.who, self.who)), "tls",
+                                   reason) from None
         # A client that offers no ALPN at all never reaches the ALPN callback.
         if conn.get_alpn_proto_negotiated() != NTSKE_ALPN:
-            raise TlsError(f"{self.who} did not offer ALPN {NTSKE_ALPN.decode()}")
+            raise ServerTlsFailure(f"{self.who} did not offer ALPN {NTSKE_ALPN.decode()}",
+                                   "no-alpn")
         if conn.get_protocol_version_name() != TLS13_NAME:
-            raise TlsError(f"{self.who} does not speak TLS 1.3, which NTS-KE requires")
+            raise ServerTlsFailure(f"{self.who} does not speak TLS 1.3, which NTS-KE "
+                                   "requires", "tls", "unsupported protocol")
         return True
 
     def receive(self, data: bytes = b"") -> tuple[bytes, bool]:
@@ -1114,7 +1132,9 @@ class ServerTls:
                 ended = True
                 break
             except SSL.Error as e:
-                raise TlsError(f"TLS error receiving from {self.who}: {_ssl_reason(e)}") from None
+                reason = _ssl_reason(e)
+                raise ServerTlsFailure(f"TLS error receiving from {self.who}: {reason}",
+                                       "tls-receive", reason) from None
             if not chunk:
                 ended = True
                 break

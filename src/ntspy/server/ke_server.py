@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import errno
 import logging
 import os
@@ -48,7 +49,14 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from ..errors import KeProtocolError, NtsError
-from ..net.tls import HAVE_NATIVE_KE, NTSKE_ALPN, ServerContexts, ServerTls, handshake_error
+from ..net.tls import (
+    HAVE_NATIVE_KE,
+    NTSKE_ALPN,
+    ServerContexts,
+    ServerTls,
+    ServerTlsFailure,
+    handshake_error,
+)
 from ..proto import ke
 from ..proto.cookies import KeyRing
 from .clientlog import ClientLog
@@ -164,7 +172,7 @@ class KeServer:
             acceptor.close()
         self._acceptors.clear()
         for proto in list(self._live):
-            proto.abort("server shutting down")
+            proto.abort(end_message(self, KeEnd.SHUTDOWN, "", None))
         await asyncio.sleep(0)  # let the transports run their connection_lost
 
     def allowed(self, address: str) -> bool:
@@ -312,12 +320,14 @@ class KeServerProtocol(asyncio.BufferedProtocol):
         "_timer",
         "_tls",
         "_transport",
+        "_who",
     )
 
     def __init__(self, server: KeServer) -> None:
         self._server = server
         self._phase = _DONE  # until connection_made admits the connection
         self._address = "?"
+        self._who = "client"
         self._accepted_ns = 0
         self._transport: asyncio.Transport | None = None
         self._tls: ServerTls | None = None
@@ -344,7 +354,7 @@ class KeServerProtocol(asyncio.BufferedProtocol):
             transport.abort()
             return
         try:
-            who = f"client {peer[0]} port {peer[1]}" if peer else "client"
+            who = self._who = f"client {peer[0]} port {peer[1]}" if peer else "client"
             self._tls = ServerTls(server.contexts, who)
         except Exception:  # a TLS library surprise must not kill the server
             server.stats.add("ke_dropped")
@@ -397,22 +407,24 @@ class KeServerProtocol(asyncio.BufferedProtocol):
                 self._end_of_stream()
         except KeProtocolError as exc:
             self._refuse(exc)
+        except ServerTlsFailure as exc:
+            self._fail(KeEnd.of(exc.kind), exc.detail)
         except NtsError as exc:
-            self._fail(str(exc))
+            self._fail(KeEnd.LOST, str(exc))
         except Exception:  # nothing a client sends may take the server down
             log.exception("NTS-KE with %s failed unexpectedly", self._address)
             self.abort(None)
 
     def eof_received(self) -> bool:
         if self._phase == _HANDSHAKE:
-            self._fail("client closed the connection during the TLS handshake")
+            self._fail(KeEnd.EOF_HANDSHAKE)
         elif self._phase == _REQUEST:
             try:
                 self._end_of_stream()
             except KeProtocolError as exc:
                 self._refuse(exc)
             except NtsError as exc:
-                self._fail(str(exc))
+                self._fail(KeEnd.LOST, str(exc))
             except Exception:
                 log.exception("NTS-KE with %s failed unexpectedly", self._address)
                 self.abort(None)
@@ -426,7 +438,8 @@ class KeServerProtocol(asyncio.BufferedProtocol):
         if self._phase != _DONE:
             self._phase = _DONE
             server.stats.add("ke_failed")
-            log.info("NTS-KE from %s: connection lost (%s)", self._address, exc or "closed")
+            log.info("NTS-KE from %s: %s", self._address,
+                     end_message(server, KeEnd.LOST, self._who, str(exc) if exc else None))
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -489,22 +502,22 @@ class KeServerProtocol(asyncio.BufferedProtocol):
                 tls.send(ke.build_error(exc.code))
         self._close()
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, end: KeEnd, detail: str | bytes | None = None) -> None:
         if self._phase == _DONE:
             return
         self._finish("ke_failed")
-        log.info("NTS-KE from %s: %s", self._address, reason)
+        if end.timed_out:
+            self._server.stats.add("ke_timeouts")
+        log.info("NTS-KE from %s: %s", self._address,
+                 end_message(self._server, end, self._who, detail))
         self._close()
 
     def _timed_out(self) -> None:
         self._timer = None
-        server = self._server
         if self._phase == _HANDSHAKE:
-            server.stats.add("ke_timeouts")
-            self._fail(server.timed_out_message("in the TLS handshake"))
+            self._fail(KeEnd.TIMEOUT_HANDSHAKE)
         elif self._phase == _REQUEST:
-            server.stats.add("ke_timeouts")
-            self._fail(server.timed_out_message("waiting for the request"))
+            self._fail(KeEnd.TIMEOUT_REQUEST)
         elif self._transport is not None:
             self._transport.abort()  # answered, but the client does not read it
 
@@ -567,25 +580,53 @@ def _listen(host: str | None, port: int) -> list[socket.socket]:
     return socks
 
 
-def _failure_message(server: KeServer, who: str, kind: str, detail: str | bytes | None) -> str:
-    """The words the asyncio path uses for the same ending."""
-    if kind == "alpn":
+class KeEnd(enum.StrEnum):
+    """How an accepted NTS-KE connection ended without an answer: one name for each
+    way, the same in both back ends (the compiled engine reports these strings,
+    :class:`~ntspy.net.tls.ServerTlsFailure` carries them for the asyncio path),
+    and one table, :func:`end_message`, for what the log says."""
+
+    TLS = "tls"  # the handshake failed (OpenSSL's reason)
+    ALPN = "alpn"  # the client offered ALPN, not ntske/1
+    NO_ALPN = "no-alpn"  # the client offered no ALPN at all
+    EOF_HANDSHAKE = "eof-handshake"
+    TLS_RECEIVE = "tls-receive"  # a bad record after the handshake
+    TIMEOUT_HANDSHAKE = "timeout-handshake"
+    TIMEOUT_REQUEST = "timeout-request"
+    SHUTDOWN = "shutdown"
+    LOST = "lost"  # the connection went away (reset, a send that failed...)
+
+    @classmethod
+    def of(cls, kind: str) -> KeEnd:
+        try:
+            return cls(kind)
+        except ValueError:
+            return cls.LOST
+
+    @property
+    def timed_out(self) -> bool:
+        return self in (KeEnd.TIMEOUT_HANDSHAKE, KeEnd.TIMEOUT_REQUEST)
+
+
+def end_message(server: KeServer, end: KeEnd, who: str, detail: str | bytes | None) -> str:
+    """The log words for ``end`` of a connection from ``who``, for both back ends."""
+    if end is KeEnd.ALPN:
         offered = _alpn_names(detail if isinstance(detail, bytes) else b"")
         return f"{who}: client offered ALPN {offered}, not {NTSKE_ALPN.decode()}"
     text = detail.decode("ascii", "replace") if isinstance(detail, bytes) else detail
-    if kind == "tls":
+    if end is KeEnd.TLS:
         return str(handshake_error(text or "unknown TLS error", who, who))
-    if kind == "no-alpn":
+    if end is KeEnd.NO_ALPN:
         return f"{who} did not offer ALPN {NTSKE_ALPN.decode()}"
-    if kind == "eof-handshake":
+    if end is KeEnd.EOF_HANDSHAKE:
         return "client closed the connection during the TLS handshake"
-    if kind == "tls-receive":
+    if end is KeEnd.TLS_RECEIVE:
         return f"TLS error receiving from {who}: {text}"
-    if kind == "timeout-handshake":
+    if end is KeEnd.TIMEOUT_HANDSHAKE:
         return server.timed_out_message("in the TLS handshake")
-    if kind == "timeout-request":
+    if end is KeEnd.TIMEOUT_REQUEST:
         return server.timed_out_message("waiting for the request")
-    if kind == "shutdown":
+    if end is KeEnd.SHUTDOWN:
         return "server shutting down"
     return f"connection lost ({text or 'closed'})"
 
@@ -671,7 +712,8 @@ class _NativeListener:
         if who is None:  # accept() itself failed: nothing was accepted
             log.warning("NTS-KE server cannot accept connections (%s); pausing 1 s", detail)
             return
+        end = KeEnd.of(kind)
         self.server.stats.add("ke_failed")
-        if kind.startswith("timeout-"):
+        if end.timed_out:
             self.server.stats.add("ke_timeouts")
-        log.info("NTS-KE from %s: %s", who, _failure_message(self.server, who, kind, detail))
+        log.info("NTS-KE from %s: %s", who, end_message(self.server, end, who, detail))
