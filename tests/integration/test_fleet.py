@@ -30,13 +30,13 @@ from tests.daemon_helpers import ClientProc, wait_until
 from tests.peers import (
     CHRONYD,
     NO_SYS_TIME,
+    RedisServer,
     ServerProc,
     end_process,
     free_port,
     prepare_ntspy_server,
 )
 
-REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 CHRONYC = shutil.which("chronyc") or "/usr/bin/chronyc"
 A, B, C = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 ROTATE = 3
@@ -56,41 +56,9 @@ def common_port() -> int:
     raise AssertionError("no common free port")
 
 
-class Redis:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port("tcp")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, sig)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.signal(signal.SIGCONT)
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-
 @pytest.fixture
-def redis(tmp_path: Path) -> Iterator[Redis]:
-    server = Redis(tmp_path)
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
     server.start()
     try:
         yield server
@@ -130,7 +98,7 @@ def keystore_connected(port: int) -> float:
 
 
 def test_a_fleet_shares_one_ring_through_rotation_and_failures(
-        tmp_path: Path, redis: Redis) -> None:
+        tmp_path: Path, redis: RedisServer) -> None:
     pki = make_test_pki(tmp_path / "pki", hostnames=("localhost",), ips=(A, B, C, "127.0.0.1"))
     kek = tmp_path / "kek"
     kek.write_bytes(os.urandom(32))

@@ -18,9 +18,8 @@ import pytest
 
 from ntspy.proto.cookies import CookieKeys, KeyRing, MasterKey
 from ntspy.server.fleet import Fleet, KeyStoreError, RingDoc, StoreConfig, Wrapper, plan
-from tests.peers import free_port
+from tests.peers import REDIS_SERVER, RedisServer, free_port
 
-REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 KEK = bytes(range(32))
 
 
@@ -108,36 +107,9 @@ def test_key_file_forms_and_modes(tmp_path: Path) -> None:
 # -- with a real Redis ---------------------------------------------------------------
 
 
-class RedisProc:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port("tcp")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        import socket
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisProc]:
-    server = RedisProc(tmp_path)
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
     server.start()
     try:
         yield server
@@ -148,7 +120,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisProc]:
 
 
 async def test_two_servers_keep_one_ring_through_rotation_pause_and_loss(
-        tmp_path: Path, redis_server: RedisProc) -> None:
+        tmp_path: Path, redis_server: RedisServer) -> None:
     kek = tmp_path / "kek"
     kek.write_bytes(os.urandom(32))
     kek.chmod(0o600)
@@ -213,7 +185,7 @@ async def test_two_servers_keep_one_ring_through_rotation_pause_and_loss(
 
 
 def _redis(directory: Path, *args: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([REDIS, "--save", "", "--appendonly", "no", "--dir",
+    proc = subprocess.Popen([REDIS_SERVER, "--save", "", "--appendonly", "no", "--dir",
                              str(directory), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.3)
