@@ -62,7 +62,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         ("ke", "ntspy.client.commands", "ke", "run NTS-KE only and show what was negotiated"),
         ("check", "ntspy.check", "",
          "health report of an NTS server: certificate, AEADs, cookies, NTP, NAK"),
-        ("run", "ntspy.client.run", "",
+        ("run", "ntspy.run", "",
          "run the client daemon: sync the clock from NTS sources (and serve time)"),
         ("serve", "ntspy.server.daemon", "", "run an NTS/NTP server"),
         ("demo", "ntspy.demo", "", "run a local NTS server and query it"),

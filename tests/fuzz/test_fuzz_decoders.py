@@ -27,11 +27,12 @@ from ntspy.proto.ntp import (
     Mode,
     NtpHeader,
     NtpPacket,
+    SyncState,
     iter_efs,
     unix_ns_to_ntp,
 )
 from ntspy.server.keys import KEY_FILE_NAME, STATE_KIND, STATE_VERSION, KeyStore
-from ntspy.server.responder import Responder, SyncState
+from ntspy.server.responder import Responder
 from ntspy.server.stats import StatsTable
 from ntspy.state import b64, decode_state, encode_state
 

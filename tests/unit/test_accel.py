@@ -35,9 +35,9 @@ from ntspy.proto import aead as aead_module
 from ntspy.proto import nts
 from ntspy.proto.aead import ACCELERATED, Aead, AeadId
 from ntspy.proto.cookies import CookieKeys
-from ntspy.proto.ntp import NtpHeader, unix_ns_to_ntp
+from ntspy.proto.ntp import NtpHeader, SyncState, unix_ns_to_ntp
 from ntspy.server import responder as responder_module
-from ntspy.server.responder import Responder, SyncState
+from ntspy.server.responder import Responder
 from ntspy.server.stats import StatsTable
 from tests.unit.test_server_fastpath import NOW, RING, nts_requests
 

@@ -40,7 +40,7 @@ def test_serve_loads_neither_client_code_nor_system_openssl() -> None:
 def test_query_loads_no_server_code() -> None:
     loaded = loaded_by("query", "--help")
     assert "ntspy.server.daemon" not in loaded
-    assert "ntspy.client.run" not in loaded
+    assert "ntspy.run" not in loaded
 
 
 def test_parser_without_argv_knows_every_subcommand_option() -> None:

@@ -173,7 +173,7 @@ async def test_an_unreachable_pool_source_is_replaced() -> None:
 async def test_ipv4_or_ipv6_only_like_chronyd(flag: str | None, expected: list[str]) -> None:
     import argparse
 
-    from ntspy.client.run import add_arguments, families
+    from ntspy.run import add_arguments, families
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args([flag, "-x"] if flag else ["-x"])

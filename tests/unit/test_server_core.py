@@ -10,12 +10,12 @@ from pathlib import Path
 from ntspy.config import AccessRule as Rule
 from ntspy.proto.aead import Aead, AeadId
 from ntspy.proto.cookies import CookieKeys
-from ntspy.proto.ntp import Mode, NtpHeader, encode_ef, ntp_to_unix_ns, unix_ns_to_ntp
+from ntspy.proto.ntp import Mode, NtpHeader, SyncState, encode_ef, ntp_to_unix_ns, unix_ns_to_ntp
 from ntspy.proto.nts import EfType, build_request, encode_authenticator, verify_response
 from ntspy.server.access import AccessTable
 from ntspy.server.keys import KEY_FILE_NAME, KeyStore
 from ntspy.server.ratelimit import RateLimiter, Verdict
-from ntspy.server.responder import Responder, SyncState
+from ntspy.server.responder import Responder
 from ntspy.server.stats import StatsTable, format_serverstats
 
 NOW = 1_800_000_000 * 10**9

@@ -19,10 +19,10 @@ from ntspy.config import AccessRule
 from ntspy.proto import nts
 from ntspy.proto.aead import Aead, AeadId, gcm_siv_available
 from ntspy.proto.cookies import CookieKeys, KeyRing, MasterKey
-from ntspy.proto.ntp import Leap, Mode, NtpHeader, encode_ef, iter_efs, unix_ns_to_ntp
+from ntspy.proto.ntp import Leap, Mode, NtpHeader, SyncState, encode_ef, iter_efs, unix_ns_to_ntp
 from ntspy.server.access import AccessTable
 from ntspy.server.ratelimit import RateLimiter
-from ntspy.server.responder import Responder, SyncState
+from ntspy.server.responder import Responder
 from ntspy.server.stats import StatsTable
 
 NOW = 1_800_000_000 * 10**9

@@ -259,3 +259,25 @@ class NtpPacket:
         return self.header.pack() + b"".join(
             encode_ef(ef.type, ef.body) for ef in self.extensions
         )
+
+
+# chrony's reference id for its local reference: 127.127.1.1
+LOCAL_REFID = bytes([127, 127, 1, 1])
+
+
+@dataclass(slots=True, frozen=True)
+class SyncState:
+    """What the server says about its own clock in every response."""
+
+    leap: int = Leap.UNSYNCHRONIZED
+    stratum: int = 16
+    precision: int = -20
+    root_delay: float = 0.0
+    root_dispersion: float = 0.0
+    reference_id: bytes = b"\x00\x00\x00\x00"
+    reference_ts: int = 0  # NTP timestamp of the last update
+
+    @classmethod
+    def local(cls, stratum: int, reference_ts: int) -> SyncState:
+        """``local stratum N``: the server is its own reference, like chronyd."""
+        return cls(Leap.NONE, stratum, -20, 0.0, 0.0, LOCAL_REFID, reference_ts)

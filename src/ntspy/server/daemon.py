@@ -37,7 +37,7 @@ from ..net.udp import UdpServer
 from ..pidfile import AlreadyRunning, PidFile
 from ..privileges import PrivilegeError, drop_to, hand_over, lookup
 from ..proto import aead
-from ..proto.ntp import Leap, unix_ns_to_ntp
+from ..proto.ntp import Leap, SyncState, unix_ns_to_ntp
 from ..sdnotify import notify
 from .access import AccessTable
 from .clientlog import ClientLog, ClientLogTable
@@ -46,7 +46,7 @@ from .ke_server import KeServer
 from .keys import KeyStore
 from .negotiation import KePolicy
 from .ratelimit import RateLimiter
-from .responder import RandomPool, Responder, SyncState
+from .responder import RandomPool, Responder
 from .stats import StatsTable
 
 if TYPE_CHECKING:  # prometheus_client is imported only with metricsaddress

@@ -26,9 +26,9 @@ from ..proto.ntp import (
     KISS_RATE,
     NS_PER_SECOND,
     NTP_UNIX_OFFSET,
-    Leap,
     Mode,
     NtpHeader,
+    SyncState,
     iter_efs,
     seconds_to_short,
     unix_ns_to_ntp,
@@ -43,8 +43,6 @@ if ACCELERATED:  # the response body in one compiled call (see _nts_fast)
 else:
     _nts_reply = None  # type: ignore[assignment]
 
-# chrony's reference id for its local reference: 127.127.1.1
-LOCAL_REFID = bytes([127, 127, 1, 1])
 AEAD_CACHE_SIZE = 4096
 
 # --- fast path constants ------------------------------------------------------
@@ -138,24 +136,6 @@ def _parse_nts(data: bytes, n: int) -> _Layout | None:
         return None
     return (uid_end, uid_end + 4, cookie_end, placeholders, pos, nonce_end, ct_start,
             ct_start + ct_len)
-
-
-@dataclass(slots=True, frozen=True)
-class SyncState:
-    """What the server says about its own clock in every response."""
-
-    leap: int = Leap.UNSYNCHRONIZED
-    stratum: int = 16
-    precision: int = -20
-    root_delay: float = 0.0
-    root_dispersion: float = 0.0
-    reference_id: bytes = b"\x00\x00\x00\x00"
-    reference_ts: int = 0  # NTP timestamp of the last update
-
-    @classmethod
-    def local(cls, stratum: int, reference_ts: int) -> SyncState:
-        """``local stratum N``: the server is its own reference, like chronyd."""
-        return cls(Leap.NONE, stratum, -20, 0.0, 0.0, LOCAL_REFID, reference_ts)
 
 
 class RandomPool:

@@ -18,25 +18,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..clock import ClockAdjtimeError, ClockControl, MeasureOnlyClock, SystemClockControl
-from ..config import Config, load_config, parse_config
-from ..control.protocol import ControlServer, udp_addresses
-from ..errors import CertificateError, ConfigError, NtsError
-from ..net.dns import TYPE_A, TYPE_AAAA
-from ..pidfile import AlreadyRunning, PidFile
-from ..privileges import PrivilegeError, drop_to, hand_over, lookup
-from ..sdnotify import notify
-from ..server.daemon import (
+from .client.daemon import ClientDaemon, ClientOptions
+from .clock import ClockAdjtimeError, ClockControl, MeasureOnlyClock, SystemClockControl
+from .config import Config, load_config, parse_config
+from .control.protocol import ControlServer, udp_addresses
+from .errors import CertificateError, ConfigError, NtsError
+from .net.dns import TYPE_A, TYPE_AAAA
+from .pidfile import AlreadyRunning, PidFile
+from .privileges import PrivilegeError, drop_to, hand_over, lookup
+from .proto.ntp import SyncState
+from .sdnotify import notify
+from .server.daemon import (
     ServerDaemon,
     Sockets,
     control_path,
     report_ignored,
     setup_logging,
 )
-from ..server.responder import SyncState
-from ..sync.discipline import Tracking
-from ..sync.select import Selection
-from .daemon import ClientDaemon, ClientOptions
+from .sync.discipline import Tracking
+from .sync.select import Selection
 
 log = logging.getLogger("ntspy.run")
 
@@ -249,8 +249,8 @@ def _start_metrics(config: Config, client: ClientDaemon,
     server's when serving too), started; None when not configured."""
     if config.metricsaddress is None:
         return None
-    from ..metrics import MetricsServer
-    from .metrics import client_collector
+    from .client.metrics import client_collector
+    from .metrics import MetricsServer
 
     metrics = MetricsServer(*config.metricsaddress)
     metrics.add_collector("client", client_collector(client, asyncio.get_running_loop()))
