@@ -409,3 +409,19 @@ class RedisServer:
             self.signal(signal.SIGCONT)
             self.proc.terminate()
             self.proc.wait(timeout=STOP_TIMEOUT)
+
+
+MetricSamples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+"""A scrape: (sample name, sorted labels) -> value."""
+
+
+def scrape_metrics(port: int, host: str = LOOPBACK) -> MetricSamples:
+    """GET /metrics of a ``metricsaddress`` endpoint, parsed with prometheus_client's parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}

@@ -21,7 +21,6 @@ import asyncio
 import enum
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +41,7 @@ from .errors import (
     NtsNakReceived,
     format_duration,
 )
+from .net.dns import is_ip_address
 from .net.tls import (
     TLS13_NAME,
     TrustConfig,
@@ -508,7 +508,7 @@ async def probe_tls(host: str, port: int, server_name: str, trust: TrustConfig,
     ctx.set_verify(SSL.VERIFY_PEER, note)
     conn = SSL.Connection(ctx, None)
     conn.set_connect_state()
-    if not _is_ip(server_name):
+    if not is_ip_address(server_name.strip("[]")):
         conn.set_tlsext_host_name(server_name.rstrip(".").encode("idna"))
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -558,14 +558,6 @@ def _pending(conn: SSL.Connection) -> bytes:
         out += chunk
 
 
-def _is_ip(name: str) -> bool:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, name.strip("[]"))
-            return True
-        except OSError:
-            continue
-    return False
 
 
 async def _timed_ke(host: str, port: int, trust: TrustConfig, server_name: str,

@@ -27,6 +27,16 @@ class PrivilegeError(OSError):
     """The switch to the unprivileged user could not be made."""
 
 
+def startup_failure(exc: BaseException, doing: str) -> str:
+    """The one line ``ntspy run`` and ``ntspy serve`` print when they cannot start
+    (``doing``: "start", "start the server"): never a traceback."""
+    if isinstance(exc, PrivilegeError):
+        return f"ntspy: cannot drop privileges: {exc.strerror or exc}"
+    if isinstance(exc, OSError):
+        return f"ntspy: cannot {doing}: {exc}"
+    return f"ntspy: {exc}"
+
+
 class _CapHeader(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 

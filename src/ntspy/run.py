@@ -25,7 +25,7 @@ from .control.protocol import ControlServer, udp_addresses
 from .errors import CertificateError, ConfigError, NtsError
 from .net.dns import TYPE_A, TYPE_AAAA
 from .pidfile import AlreadyRunning, PidFile
-from .privileges import PrivilegeError, drop_to, hand_over, lookup
+from .privileges import drop_to, hand_over, lookup, startup_failure
 from .proto.ntp import SyncState
 from .sdnotify import notify
 from .server.daemon import (
@@ -141,14 +141,8 @@ def run(args: argparse.Namespace) -> int:
             timeout = ONESHOT_TIMEOUT if args.timeout is None else args.timeout
             return asyncio.run(_once(config, clock, options, timeout, args.set_once))
         return asyncio.run(_main(config, clock, options))
-    except (ConfigError, CertificateError, AlreadyRunning) as exc:
-        print(f"ntspy: {exc}", file=sys.stderr)
-        return 1
-    except PrivilegeError as exc:
-        print(f"ntspy: cannot drop privileges: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"ntspy: cannot start: {exc}", file=sys.stderr)
+    except (ConfigError, CertificateError, AlreadyRunning, OSError) as exc:
+        print(startup_failure(exc, "start"), file=sys.stderr)
         return 1
 
 

@@ -4,25 +4,13 @@ NTS-KE, and move with the polls; the values are the ones ``ntspy ctl`` shows."""
 
 from __future__ import annotations
 
-import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.daemon_helpers import ClientProc, server_line, wait_until
-from tests.peers import LOOPBACK, ServerProc, free_port
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+from tests.peers import LOOPBACK, MetricSamples, ServerProc, free_port, scrape_metrics
 
 
-def scrape(port: int) -> Samples:
-    with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def one(samples: Samples, name: str, **labels: str) -> float:
+def one(samples: MetricSamples, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
@@ -35,15 +23,15 @@ def test_client_metrics_before_and_after_sync(tmp_path: Path, ntspy_server: Serv
     ], [f"metricsaddress {LOOPBACK} {port}"])
     client.start()
     try:
-        first = scrape(port)
+        first = scrape_metrics(port)
         assert ("ntspy_client_synchronised", ()) in first
-        wait_until(lambda: one(scrape(port), "ntspy_client_synchronised") == 1, 20.0,
+        wait_until(lambda: one(scrape_metrics(port), "ntspy_client_synchronised") == 1, 20.0,
                    "synchronised in the metrics")
-        before = scrape(port)
-        wait_until(lambda: one(scrape(port), "ntspy_source_requests_total", source=LOOPBACK)
+        before = scrape_metrics(port)
+        wait_until(lambda: one(scrape_metrics(port), "ntspy_source_requests_total", source=LOOPBACK)
                    >= one(before, "ntspy_source_requests_total", source=LOOPBACK) + 3, 10.0,
                    "more requests counted")
-        after = scrape(port)
+        after = scrape_metrics(port)
         assert one(after, "ntspy_source_state", source=LOOPBACK, state="selected") == 1
         assert one(after, "ntspy_source_reach", source=LOOPBACK) > 0
         assert one(after, "ntspy_source_nts_cookies", source=LOOPBACK) > 0

@@ -17,12 +17,10 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from ntspy.certs import make_test_pki
 from ntspy.control.protocol import request
@@ -35,6 +33,7 @@ from tests.peers import (
     end_process,
     free_port,
     prepare_ntspy_server,
+    scrape_metrics,
 )
 
 CHRONYC = shutil.which("chronyc") or "/usr/bin/chronyc"
@@ -90,11 +89,7 @@ def chronyc(sock: Path, *command: str) -> list[str]:
 
 
 def keystore_connected(port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    (value,) = [s.value for f in text_string_to_metric_families(text) for s in f.samples
-                if s.name == "ntspy_server_keystore_connected"]
-    return float(value)
+    return scrape_metrics(port)[("ntspy_server_keystore_connected", ())]
 
 
 def test_a_fleet_shares_one_ring_through_rotation_and_failures(

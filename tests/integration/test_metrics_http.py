@@ -7,38 +7,30 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from ntspy.client.session import NtsSession
 from ntspy.control.protocol import request
 from ntspy.net.tls import TrustConfig
 from tests.peers import (
     LOOPBACK,
+    MetricSamples,
     free_port,
     ntp_client_packet,
     prepare_ntspy_server,
     run_ntspy_serve_once,
+    scrape_metrics,
     start_ntspy_server,
 )
 
 NTS_REQUESTS = 5
 PLAIN_REQUESTS = 3
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def scrape(port: int) -> Samples:
-    with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
+def moved(before: MetricSamples, after: MetricSamples, name: str, **labels: str) -> float:
     key = (name, tuple(sorted(labels.items())))
     return after[key] - before.get(key, 0.0)
 
@@ -67,7 +59,7 @@ async def test_metrics_follow_real_traffic_across_workers(tmp_path: Path) -> Non
     port = free_port("tcp")
     server = start_ntspy_server(tmp_path, [f"metricsaddress {LOOPBACK} {port}"], ntsprocesses=2)
     try:
-        before = scrape(port)
+        before = scrape_metrics(port)
         assert before[("ntspy_server_keys", ())] >= 1
         trust = TrustConfig(use_system_store=False, extra=[server.certs.ca_cert])
         with NtsSession("localhost", server.ke_port, trust=trust, timeout=3.0) as session:
@@ -76,7 +68,7 @@ async def test_metrics_follow_real_traffic_across_workers(tmp_path: Path) -> Non
             ntp_cookies = session.stats["cookies received"]
         for _ in range(PLAIN_REQUESTS):
             plain_exchange(server.ntp_port)
-        after = scrape(port)
+        after = scrape_metrics(port)
 
         def d(name: str, **labels: str) -> float:
             return moved(before, after, name, **labels)
@@ -106,7 +98,7 @@ async def test_metrics_follow_real_traffic_across_workers(tmp_path: Path) -> Non
         assert row["nke_drops"] == 0
         assert 0 <= row["last_ntp_ago"] < 10
         assert 0 <= row["last_nke_ago"] < 10
-        assert scrape(port)[("ntspy_server_clients", ())] == 1
+        assert scrape_metrics(port)[("ntspy_server_clients", ())] == 1
     finally:
         server.stop()
     assert "Traceback" not in server.log()

@@ -25,7 +25,7 @@ from ..clock import ClockControl, SlewingClock
 from ..config import Config, SourceConfig, load_sources_dir, parse_source_line
 from ..errors import ConfigError, NtsError, StateFileError
 from ..leapsec import leap_at_end_of_day, zone_knows_leap_seconds
-from ..net.dns import TYPE_A, TYPE_AAAA, Resolver
+from ..net.dns import TYPE_A, TYPE_AAAA, Resolver, is_ip_address
 from ..net.tls import TrustConfig
 from ..proto.ntp import Leap, reference_id_for, unix_ns_to_ntp
 from ..state import atomic_write, read_state, set_aside
@@ -849,7 +849,7 @@ class ClientDaemon:
         moved = 0
         self._resolver = self._resolver or Resolver()
         for src in list(self.sources):
-            if src.cfg.pool or not src.resolved or _is_address(src.cfg.name):
+            if src.cfg.pool or not src.resolved or is_ip_address(src.cfg.name):
                 continue
             try:
                 addresses = await self._resolver.resolve(src.cfg.name, self.options.families)
@@ -965,14 +965,6 @@ class ClientDaemon:
 
 def _identity(cfg: SourceConfig) -> tuple[str, int, bool]:
     return (cfg.name, cfg.port, cfg.nts)
-
-
-def _is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _network(spec: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:

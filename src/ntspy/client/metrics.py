@@ -29,26 +29,21 @@ _STATES = {"*": "selected", "+": "combined", "-": "not_combined", "x": "falsetic
 def snapshot(client: ClientDaemon) -> dict[str, Any]:
     """Everything a scrape needs, copied (runs on the event loop)."""
     selection = client.selection
-    sources = client.sources_view()
-    auth = {row["name"]: row for row in client.authdata_view()}
-    data = {row["name"]: row for row in client.ntpdata_view()}
     rows = []
-    for s in sources:
-        a, n = auth.get(s["name"], {}), data.get(s["name"], {})
-        src = next((x for x in client.sources if x.name == s["name"]), None)
+    # sources_view() and authdata_view() list the sources in client.sources' order.
+    for src, s, a in zip(client.sources, client.sources_view(), client.authdata_view(),
+                         strict=True):
         rows.append({
             "source": s["name"],
             "offset_seconds": s["adjusted_offset"] if s["reach"] else math.nan,
-            "delay_seconds": n.get("peer_delay", math.nan),
-            "jitter_seconds": src.stats.std_dev if src is not None and src.stats.np else math.nan,
+            "delay_seconds": src.last.delay if src.last is not None else math.nan,
+            "jitter_seconds": src.stats.std_dev if src.stats.np else math.nan,
             "reach": s["reach"], "stratum": s["stratum"], "poll_log2_seconds": s["poll"],
             "state": s["state"], "nts": s["nts"],
-            "nts_cookies": a.get("cookies", 0),
-            "nts_key_exchanges": a.get("key_id", 0),
-            "nts_last_key_exchange_age_seconds": a.get("last"),
-            "nts_naks": a.get("naks", 0),
-            "requests": n.get("requests", 0), "bad_samples": sum(n.get("bad_samples", {})
-                                                                  .values()),
+            "nts_cookies": a["cookies"], "nts_key_exchanges": a["key_id"],
+            "nts_last_key_exchange_age_seconds": a["last"], "nts_naks": a["naks"],
+            "requests": int(src.session.stats["requests"]),
+            "bad_samples": sum(src.sync.rejected.values()),
         })
     t = client.tracking()
     return {

@@ -8,7 +8,6 @@ The event loop and the clock are the daemon's; nothing here sleeps.
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import logging
 import math
@@ -19,6 +18,7 @@ from typing import Any
 from ..clock import Clock
 from ..config import SourceConfig
 from ..errors import KeConnectionError, KeError, KissOfDeath, NtsError, StateFileError
+from ..net.dns import is_ip_address
 from ..net.tls import TrustConfig
 from ..proto.aead import info
 from ..proto.ntp import Leap
@@ -77,7 +77,7 @@ class Source:
         self._trust = trust or (lambda _set: TrustConfig())
         self.session: NtsSession | PlainSession
         self.set_address(address if address is not None else cfg.name)
-        self.resolved = _is_ip(self.address)
+        self.resolved = is_ip_address(self.address)
 
     def set_address(self, address: str) -> None:
         """Talk to ``address`` (an IP, once the name is resolved); keeps the statistics."""
@@ -296,14 +296,6 @@ def exchange_of(m: Measurement) -> Exchange:
     return Exchange(t1=m.t1, t2=m.t2, t3=m.t3, t4=m.t4, root_delay=m.root_delay,
                     root_dispersion=m.root_dispersion, precision=m.precision,
                     stratum=m.stratum, leap=leap, authenticated=m.authenticated)
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _safe(name: str) -> str:

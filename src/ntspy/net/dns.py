@@ -59,6 +59,15 @@ class ResolverConfig:
         return cfg
 
 
+def is_ip_address(text: str) -> bool:
+    """Whether ``text`` is an IPv4 or IPv6 address (nothing to resolve)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_hosts(text: str) -> dict[str, list[str]]:
     table: dict[str, list[str]] = {}
     for line in text.splitlines():

@@ -35,7 +35,7 @@ from ..errors import CertificateError, ConfigError, NtsError, StateFileError
 from ..net.tls import ServerContexts
 from ..net.udp import UdpServer
 from ..pidfile import AlreadyRunning, PidFile
-from ..privileges import PrivilegeError, drop_to, hand_over, lookup
+from ..privileges import PrivilegeError, drop_to, hand_over, lookup, startup_failure
 from ..proto import aead
 from ..proto.ntp import Leap, SyncState, unix_ns_to_ntp
 from ..sdnotify import notify
@@ -487,14 +487,9 @@ def run(args: argparse.Namespace) -> int:
             return _serve_workers(config, account)
         finally:
             pidfile.release()
-    except (ConfigError, CertificateError, AlreadyRunning, StateFileError, KeyStoreError) as exc:
-        print(f"ntspy: {exc}", file=sys.stderr)
-        return 1
-    except PrivilegeError as exc:
-        print(f"ntspy: cannot drop privileges: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"ntspy: cannot start the server: {exc}", file=sys.stderr)
+    except (ConfigError, CertificateError, AlreadyRunning, StateFileError, KeyStoreError,
+            OSError) as exc:
+        print(startup_failure(exc, "start the server"), file=sys.stderr)
         return 1
 
 
