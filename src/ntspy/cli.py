@@ -64,7 +64,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
          "health report of an NTS server: certificate, AEADs, cookies, NTP, NAK"),
         ("run", "ntspy.run", "",
          "run the client daemon: sync the clock from NTS sources (and serve time)"),
-        ("serve", "ntspy.server.daemon", "", "run an NTS/NTP server"),
+        ("serve", "ntspy.serve", "", "run an NTS/NTP server"),
         ("demo", "ntspy.demo", "", "run a local NTS server and query it"),
         ("ctl", "ntspy.control.cli", "", "ask a running ntspy daemon for its status"),
     )

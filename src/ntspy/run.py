@@ -21,20 +21,15 @@ from typing import Any
 from .client.daemon import ClientDaemon, ClientOptions
 from .clock import ClockAdjtimeError, ClockControl, MeasureOnlyClock, SystemClockControl
 from .config import Config, load_config, parse_config
-from .control.protocol import ControlServer, udp_addresses
+from .control.protocol import ControlServer, control_path, udp_addresses
 from .errors import CertificateError, ConfigError, NtsError
+from .logsetup import report_ignored, setup_logging
 from .net.dns import TYPE_A, TYPE_AAAA
 from .pidfile import AlreadyRunning, PidFile
 from .privileges import drop_to, hand_over, lookup, startup_failure
 from .proto.ntp import SyncState
 from .sdnotify import notify
-from .server.daemon import (
-    ServerDaemon,
-    Sockets,
-    control_path,
-    report_ignored,
-    setup_logging,
-)
+from .server.daemon import ServerDaemon, Sockets
 from .sync.discipline import Tracking
 from .sync.select import Selection
 

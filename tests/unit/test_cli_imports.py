@@ -30,17 +30,18 @@ def loaded_by(*argv: str) -> set[str]:
 
 def test_serve_loads_neither_client_code_nor_system_openssl() -> None:
     loaded = loaded_by("serve", "--help")
-    assert "ntspy.server.daemon" in loaded
+    assert {"ntspy.serve", "ntspy.server.daemon"} <= loaded
     assert "asyncio" in loaded
     unwanted = {"ssl", "_ssl", "_hashlib", "ntspy.api", "ntspy.client.session",
-                "ntspy.client.ke", "ntspy.client.daemon", "ntspy.demo", "ntspy.control.cli"}
+                "ntspy.client.ke", "ntspy.client.daemon", "ntspy.demo", "ntspy.control.cli",
+                "ntspy.run"}
     assert loaded & unwanted == set()
 
 
 def test_query_loads_no_server_code() -> None:
     loaded = loaded_by("query", "--help")
     assert "ntspy.server.daemon" not in loaded
-    assert "ntspy.run" not in loaded
+    assert "ntspy.serve" not in loaded and "ntspy.run" not in loaded
 
 
 def test_parser_without_argv_knows_every_subcommand_option() -> None:

@@ -361,3 +361,12 @@ def udp_addresses(config: Any) -> list[tuple[str, int]]:
     v4 = next((a for a in ips if ":" not in a), "127.0.0.1")
     v6 = next((a for a in ips if ":" in a), "::1")
     return [(v4, port), (v6, port)]
+
+
+def control_path(config: Any) -> Path:
+    """Where the Unix command socket is: the first ``bindcmdaddress`` that is a path,
+    else :data:`DEFAULT_SOCKET`."""
+    for entry in config.bindcmdaddress:
+        if entry.startswith("/"):
+            return Path(entry)
+    return DEFAULT_SOCKET
