@@ -1,15 +1,13 @@
-"""The server's client log (``clients``): counts, bound and eviction, noclientlog,
-the view merged across worker processes, and the handshake histogram."""
+"""The server's client log (``clients``): counts, bound and eviction, the view merged
+across worker processes, what the responder writes to it."""
 
 from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 
 import pytest
 
-from ntspy.config import parse_config
 from ntspy.proto.cookies import KeyRing, MasterKey
 from ntspy.proto.ntp import Mode, NtpHeader
 from ntspy.server.clientlog import (
@@ -19,10 +17,9 @@ from ntspy.server.clientlog import (
     ClientLogTable,
     capacity_for,
 )
-from ntspy.server.daemon import ServerDaemon, Sockets
 from ntspy.server.ratelimit import RateLimiter
 from ntspy.server.responder import Responder
-from ntspy.server.stats import HANDSHAKE_BUCKETS, StatsTable
+from ntspy.server.stats import StatsTable
 
 S = 10**9
 NOW = 1_800_000_000 * S
@@ -196,56 +193,3 @@ def test_the_responder_without_a_log() -> None:
     responder = Responder(RING, StatsTable().row(), random.randbytes)
     assert responder.clients is None
     assert responder.handle(plain_request(), "192.0.2.1", NOW, lambda: NOW) is not None
-
-
-def daemon(tmp_path: Path, text: str) -> ServerDaemon:
-    return ServerDaemon(parse_config(text), Sockets(), key_dir=tmp_path)
-
-
-async def test_noclientlog_keeps_no_table(tmp_path: Path) -> None:
-    server = daemon(tmp_path, "noclientlog\n")
-    assert server.clients_table is None
-    assert await server.control_handlers()["clients"]([]) == []
-
-
-async def test_clientloglimit_sizes_the_table(tmp_path: Path) -> None:
-    server = daemon(tmp_path, f"clientloglimit {100 * ENTRY_BYTES}\n")
-    assert server.clients_table is not None
-    assert server.clients_table.capacity == 100
-    assert daemon(tmp_path, "").clients_table.capacity == 2048  # type: ignore[union-attr]
-
-
-async def test_the_clients_handler_shows_the_shared_table(tmp_path: Path) -> None:
-    table = ClientLogTable(2, DEFAULT_LIMIT, shared=True)
-    server = ServerDaemon(parse_config(""), Sockets(), key_dir=tmp_path, clients=table)
-    table.log(1).nke("192.0.2.5", server.clock.now_ns(), dropped=True)
-    rows = await server.control_handlers()["clients"]([])
-    assert [(r["address"], r["nke_hits"], r["nke_drops"]) for r in rows] == [("192.0.2.5", 1, 1)]
-    assert 0 <= rows[0]["last_nke_ago"] < 5
-
-
-# -- the NTS-KE latency histogram ---------------------------------------------
-
-
-def test_handshake_histogram_buckets_sum_and_workers() -> None:
-    table = StatsTable(workers=2, shared=True)
-    table.row(0).observe_handshake(0.0005)
-    table.row(0).observe_handshake(0.001)  # on a bound: in that bucket (le is <=)
-    table.row(1).observe_handshake(0.03)
-    table.row(1).observe_handshake(99.0)
-    h = table.handshake_histogram()
-    assert h.count == 4
-    assert h.sum == pytest.approx(0.0005 + 0.001 + 0.03 + 99.0)
-    cumulative = dict(h.cumulative())
-    assert cumulative[0.001] == 2
-    assert cumulative[0.025] == 2
-    assert cumulative[0.05] == 3
-    assert cumulative[HANDSHAKE_BUCKETS[-1]] == 3
-    assert cumulative[float("inf")] == 4
-    assert len(h.cumulative()) == len(HANDSHAKE_BUCKETS) + 1
-
-
-def test_histogram_does_not_disturb_the_counters() -> None:
-    table = StatsTable()
-    table.row().observe_handshake(0.2)
-    assert set(table.totals().values()) == {0}

@@ -1,15 +1,45 @@
-"""The server's key ring on disk: a key is saved before it is used, a failed save keeps
-the old key, temporary files do not pile up."""
+"""The server's key ring on disk (server/keys.py): saved owner-only and loaded again
+after a restart (old cookies still open), a corrupt file set aside, rotation keeping
+the previous keys, a key saved before it is used, a failed save keeping the old key,
+temporary files not piling up."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from ntspy.errors import StateFileError
+from ntspy.proto.aead import Aead, AeadId
+from ntspy.proto.cookies import CookieKeys
+from ntspy.proto.ntp import Mode, NtpHeader, SyncState, unix_ns_to_ntp
+from ntspy.proto.nts import build_request, verify_response
 from ntspy.server.keys import KEY_FILE_NAME, KeyStore
+from ntspy.server.responder import Responder
+from ntspy.server.stats import StatsTable
 from ntspy.state import temp_path
+
+NOW = 1_800_000_000 * 10**9
+AEAD = AeadId.AES_SIV_CMAC_256
+C2S, S2C = Aead(AEAD, os.urandom(32)), Aead(AEAD, os.urandom(32))
+
+
+def make(tmp: Path | None = None) -> tuple[Responder, StatsTable, KeyStore]:
+    """A key store loaded at NOW (saved in ``tmp``) and a responder using its ring."""
+    store = KeyStore(tmp, 3600)
+    store.load(NOW // 10**9)
+    table = StatsTable()
+    r = Responder(store.ring, table.row(), os.urandom)
+    r.state = SyncState.local(1, unix_ns_to_ntp(NOW))
+    return r, table, store
+
+
+def nts_request(store: KeyStore) -> bytes:
+    cookie = store.ring.seal(CookieKeys(AEAD, C2S.key, S2C.key), os.urandom(16))
+    return build_request(NtpHeader(mode=Mode.CLIENT, transmit_ts=99), b"i" * 32, cookie,
+                         0, C2S, os.urandom(16))
 
 
 def test_a_new_key_is_on_disk_before_the_ring_uses_it(tmp_path: Path) -> None:
@@ -73,3 +103,36 @@ def test_a_stale_temporary_file_is_removed_and_never_multiplied(tmp_path: Path) 
     for t in range(1_001, 1_040):
         store.rotate_if_due(t)
     assert sorted(p.name for p in tmp_path.iterdir()) == [KEY_FILE_NAME]
+
+
+def test_key_store_persists_and_survives_restart(tmp_path: Path) -> None:
+    _r, _, store = make(tmp_path)
+    path = tmp_path / KEY_FILE_NAME
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    req = nts_request(store)
+    # "Restart": a new store loads the same ring and still accepts the old cookie.
+    r2, _, store2 = make(tmp_path)
+    assert [k.key_id for k in store2.ring.keys] == [k.key_id for k in store.ring.keys]
+    out = r2.handle(req, "127.0.0.1", NOW, lambda: NOW)
+    assert out is not None and verify_response(out, b"i" * 32, 99, S2C)
+
+
+def test_corrupt_key_file_is_moved_aside_and_replaced(tmp_path: Path) -> None:
+    make(tmp_path)
+    path = tmp_path / KEY_FILE_NAME
+    path.write_bytes(path.read_bytes()[:-10])
+    _, _, store = make(tmp_path)
+    assert len(store.ring.keys) == 1
+    assert any(p.name.startswith(KEY_FILE_NAME + ".corrupt") for p in tmp_path.iterdir())
+    assert path.exists()
+
+
+def test_rotation_keeps_old_cookies_until_the_ring_forgets() -> None:
+    _, _, store = make()
+    keys = CookieKeys(AEAD, C2S.key, S2C.key)
+    old = store.ring.seal(keys, os.urandom(16))
+    store.rotate(NOW // 10**9 + 1)
+    store.rotate(NOW // 10**9 + 2)
+    assert store.ring.open(old) == keys
+    store.rotate(NOW // 10**9 + 3)
+    assert len(store.ring.keys) == 3

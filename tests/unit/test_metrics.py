@@ -1,5 +1,5 @@
-"""The Prometheus endpoint (ntspy/metrics.py) and the server's collector
-(server/collector.py): exposition parsed back with prometheus_client's parser."""
+"""The Prometheus endpoint (ntspy/metrics.py): exposition parsed back with
+prometheus_client's parser.  The server's collector: test_collector.py."""
 
 from __future__ import annotations
 
@@ -22,10 +22,6 @@ from ntspy.metrics import (
     histogram,
     per_row_gauges,
 )
-from ntspy.proto.cookies import KeyRing, MasterKey
-from ntspy.server.clientlog import ClientLogTable
-from ntspy.server.collector import ServerCollector
-from ntspy.server.stats import StatsTable
 
 LOOPBACK = "127.0.0.1"
 
@@ -182,56 +178,3 @@ def test_the_directive() -> None:
     assert not [d for _, _, d in config.ignored if d in ("clientloglimit", "noclientlog")]
     with pytest.raises(ConfigError):
         parse_config("clientloglimit lots\n")
-
-
-def test_the_server_collector() -> None:
-    table = StatsTable(workers=2, shared=True)
-    a, b = table.row(0), table.row(1)
-    a.add("ntp_received", 10)
-    b.add("ntp_received", 5)
-    b.add("ntp_denied", 2)
-    a.add("nts_authenticated", 4)
-    a.add("nts_cookies", 4)
-    b.add("ke_accepted", 3)
-    b.add("ke_completed", 2)
-    b.add("ke_failed", 1)
-    b.add("ke_cookies", 16)
-    a.add("ke_dropped", 4)  # two by the rate limit, one by the client cap, one TLS set-up
-    a.add("ke_drop_rate", 2)
-    a.add("ke_drop_client", 1)
-    a.add("ke_denied", 5)
-    a.observe_handshake(0.004)
-    b.observe_handshake(0.3)
-    ring = KeyRing([MasterKey(1, bytes(32), 1000), MasterKey(2, bytes(32), 4600)])
-    clients = ClientLogTable(2, shared=True)
-    clients.log(1).nke("192.0.2.1", 1, dropped=False)
-    collect = ServerCollector(table, lambda: ring, lambda: 5000.0, clients)
-    with MetricsServer(LOOPBACK, 0) as server:
-        server.add_collector("server", collect)
-        got = samples(scrape(server))
-
-    def v(name: str, **labels: str) -> float:
-        return got[(name, tuple(sorted(labels.items())))]
-
-    assert v("ntspy_server_ntp_packets_total", outcome="received") == 15
-    assert v("ntspy_server_ntp_packets_total", outcome="denied") == 2
-    assert v("ntspy_server_nts_responses_total") == 4
-    assert v("ntspy_server_ke_connections_total", outcome="accepted") == 3
-    assert v("ntspy_server_ke_connections_total", outcome="completed") == 2
-    assert v("ntspy_server_ke_connections_total", outcome="failed") == 1
-    assert v("ntspy_server_ke_dropped_total", reason="rate") == 2
-    assert v("ntspy_server_ke_dropped_total", reason="client") == 1
-    assert v("ntspy_server_ke_dropped_total", reason="full") == 0
-    assert v("ntspy_server_ke_dropped_total", reason="tls") == 1
-    assert v("ntspy_server_ke_dropped_total", reason="denied") == 5
-    assert v("ntspy_server_cookies_issued_total", via="ke") == 16
-    assert v("ntspy_server_cookies_issued_total", via="ntp") == 4
-    assert v("ntspy_server_ke_handshake_duration_seconds_count") == 2
-    assert v("ntspy_server_ke_handshake_duration_seconds_sum") == pytest.approx(0.304)
-    assert v("ntspy_server_ke_handshake_duration_seconds_bucket", le="0.005") == 1
-    assert v("ntspy_server_ke_handshake_duration_seconds_bucket", le="0.5") == 2
-    assert v("ntspy_server_ke_handshake_duration_seconds_bucket", le="+Inf") == 2
-    assert v("ntspy_server_key_age_seconds") == 400  # the newest key seals
-    assert v("ntspy_server_oldest_key_age_seconds") == 4000
-    assert v("ntspy_server_keys") == 2
-    assert v("ntspy_server_clients") == 1

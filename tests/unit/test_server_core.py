@@ -1,10 +1,10 @@
-"""The server's sans-I/O parts: responder, access rules, rate limiting, key store."""
+"""The server's responder (sans-I/O): plain and NTS answers, NAKs, malformed input,
+access and rate limiting as the responder applies them."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import stat
 from pathlib import Path
 
 from ntspy.config import AccessRule as Rule
@@ -13,10 +13,10 @@ from ntspy.proto.cookies import CookieKeys
 from ntspy.proto.ntp import Mode, NtpHeader, SyncState, encode_ef, ntp_to_unix_ns, unix_ns_to_ntp
 from ntspy.proto.nts import EfType, build_request, encode_authenticator, verify_response
 from ntspy.server.access import AccessTable
-from ntspy.server.keys import KEY_FILE_NAME, KeyStore
-from ntspy.server.ratelimit import RateLimiter, Verdict
+from ntspy.server.keys import KeyStore
+from ntspy.server.ratelimit import RateLimiter
 from ntspy.server.responder import Responder
-from ntspy.server.stats import StatsTable, format_serverstats
+from ntspy.server.stats import StatsTable
 
 NOW = 1_800_000_000 * 10**9
 AEAD = AeadId.AES_SIV_CMAC_256
@@ -123,16 +123,6 @@ def test_unknown_extension_fields_get_a_plain_answer() -> None:
     assert out is not None and len(out) == 48
 
 
-def test_access_rules_most_specific_wins() -> None:
-    t = AccessTable([
-        Rule(True, ipaddress.ip_network("10.0.0.0/8")),
-        Rule(False, ipaddress.ip_network("10.1.0.0/16")),
-        Rule(True, ipaddress.ip_network("10.1.2.0/24")),
-    ])
-    assert t.allowed("10.9.9.9") and not t.allowed("10.1.9.9") and t.allowed("10.1.2.3")
-    assert not t.allowed("192.0.2.1") and not t.allowed("::1") and not t.allowed("junk")
-    assert AccessTable([Rule(True, None, all=True)]).allowed("::1")
-    assert t.allowed("::ffff:10.9.9.9")
 
 
 def test_denied_client_gets_nothing() -> None:
@@ -141,65 +131,9 @@ def test_denied_client_gets_nothing() -> None:
     assert table.totals()["ntp_denied"] == 1
 
 
-def test_rate_limit_burst_then_leak_with_rate_kiss() -> None:
-    limiter = RateLimiter(interval=3, burst=4, leak=1)
-    verdicts = [limiter.check("a", NOW) for _ in range(8)]
-    assert verdicts[:4] == [Verdict.PASS] * 4
-    assert verdicts[4:] == [Verdict.DROP, Verdict.LEAK, Verdict.DROP, Verdict.LEAK]
-    assert limiter.check("b", NOW) is Verdict.PASS  # other clients unaffected
-    assert limiter.check("a", NOW + 8 * 10**9) is Verdict.PASS  # refilled after 2**3 s
-
+def test_a_rate_limited_client_gets_a_rate_kiss() -> None:
     r, table, _ = make(ratelimit=RateLimiter(interval=3, burst=1, leak=0))
     assert NtpHeader.unpack(r.handle(plain_request(), "c", NOW, lambda: NOW) or b"").stratum == 1
     kiss = r.handle(plain_request(), "c", NOW, lambda: NOW)
     assert kiss is not None and NtpHeader.unpack(kiss).reference_id == b"RATE"
     assert table.totals()["ntp_rate_kod"] == 1
-
-
-def test_rate_limiter_table_is_bounded() -> None:
-    limiter = RateLimiter(0, 1, 0, max_clients=100)
-    for i in range(1000):
-        limiter.check(str(i), NOW)
-    assert len(limiter._buckets) == 100
-
-
-def test_key_store_persists_and_survives_restart(tmp_path: Path) -> None:
-    _r, _, store = make(tmp_path)
-    path = tmp_path / KEY_FILE_NAME
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    req = nts_request(store)
-    # "Restart": a new store loads the same ring and still accepts the old cookie.
-    r2, _, store2 = make(tmp_path)
-    assert [k.key_id for k in store2.ring.keys] == [k.key_id for k in store.ring.keys]
-    out = r2.handle(req, "127.0.0.1", NOW, lambda: NOW)
-    assert out is not None and verify_response(out, b"i" * 32, 99, S2C)
-
-
-def test_corrupt_key_file_is_moved_aside_and_replaced(tmp_path: Path) -> None:
-    make(tmp_path)
-    path = tmp_path / KEY_FILE_NAME
-    path.write_bytes(path.read_bytes()[:-10])
-    _, _, store = make(tmp_path)
-    assert len(store.ring.keys) == 1
-    assert any(p.name.startswith(KEY_FILE_NAME + ".corrupt") for p in tmp_path.iterdir())
-    assert path.exists()
-
-
-def test_rotation_keeps_old_cookies_until_the_ring_forgets() -> None:
-    _, _, store = make()
-    keys = CookieKeys(AEAD, C2S.key, S2C.key)
-    old = store.ring.seal(keys, os.urandom(16))
-    store.rotate(NOW // 10**9 + 1)
-    store.rotate(NOW // 10**9 + 2)
-    assert store.ring.open(old) == keys
-    store.rotate(NOW // 10**9 + 3)
-    assert len(store.ring.keys) == 3
-
-
-def test_serverstats_format() -> None:
-    table = StatsTable(workers=2, shared=True)
-    table.row(0).add("ntp_received", 5)
-    table.row(1).add("ntp_received", 7)
-    text = format_serverstats(table.totals())
-    assert "NTP packets received       : 12\n" in text
-    assert "NTS-KE connections accepted: 0\n" in text
