@@ -32,7 +32,7 @@ from ..clock import Clock, SystemClock
 from ..config import Config, RateLimit, load_config
 from ..control.protocol import DEFAULT_SOCKET, ControlServer, udp_addresses
 from ..errors import CertificateError, ConfigError, NtsError, StateFileError
-from ..net.tls import ServerContexts
+from ..net.tls.credentials import ServerContexts
 from ..net.udp import UdpServer
 from ..pidfile import AlreadyRunning, PidFile
 from ..privileges import PrivilegeError, drop_to, hand_over, lookup, startup_failure
