@@ -42,7 +42,7 @@ from pathlib import Path
 
 from ntspy.client.ke import key_exchange
 from ntspy.errors import NtsError
-from ntspy.net.tls import TrustConfig
+from ntspy.net.tls.trust import TrustConfig
 from ntspy.proto import nts
 from ntspy.proto.aead import Aead, AeadId
 from ntspy.proto.ntp import HEADER_LEN, Mode, NtpHeader

@@ -21,7 +21,7 @@
  *
  * so every accepted connection ends in exactly one on_request or on_failed.
  *
- * TLS is the system OpenSSL (libssl), configured as net/tls.py configures
+ * TLS is the system OpenSSL (libssl), configured as net/tls/credentials.py configures
  * pyOpenSSL for the pure-Python path: TLS 1.3 only, ALPN "ntske/1" required,
  * no session tickets, X25519 preferred, certificate chosen by SNI.  The module
  * is optional: without it (or with NTSPY_NO_ACCEL=1) the asyncio path serves.
@@ -61,7 +61,7 @@
 #define READ_CHUNK 16384
 #define ACCEPTS_PER_RUN 64
 #define EVENTS_PER_RUN 64
-/* As net/tls.py: the cheapest first (X25519; AES-128-GCM with SHA-256). */
+/* As net/tls/credentials.py: the cheapest first (X25519; AES-128-GCM with SHA-256). */
 #define GROUPS "X25519:P-256:P-384"
 #define SUITES "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 
@@ -138,7 +138,7 @@ load_pair(const char *chain, Py_ssize_t chain_len, const char *key, Py_ssize_t k
         goto fail;
     if (!SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION))
         goto fail;
-    /* NTS-KE clients never resume: no tickets, no cache (see net/tls.py). */
+    /* NTS-KE clients never resume: no tickets, no cache (see net/tls/credentials.py). */
     SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
     SSL_CTX_set_num_tickets(ctx, 0);

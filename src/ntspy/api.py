@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from .client.session import Measurement, NtsSession, PlainSession
 from .errors import NtpConnectionError, NtsError
-from .net.tls import CaSource, TrustConfig
+from .net.tls.trust import CaSource, TrustConfig
 from .proto.ke import DEFAULT_KE_PORT
 from .proto.ntp import NS_PER_SECOND, NTP_PORT, NTP_UNIX_OFFSET, Mode
 

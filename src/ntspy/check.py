@@ -42,13 +42,9 @@ from .errors import (
     format_duration,
 )
 from .net.dns import is_ip_address
-from .net.tls import (
-    TLS13_NAME,
-    TrustConfig,
-    VerifyError,
-    certificate_matches,
-    client_context,
-)
+from .net.tls.names import certificate_matches
+from .net.tls.ntske import TLS13_NAME
+from .net.tls.trust import TrustConfig, VerifyError, client_context
 from .net.udp import UdpClient
 from .proto import aead as aead_mod
 from .proto import nts

@@ -30,7 +30,7 @@ from .control.format import (
     source_line,
 )
 from .errors import NtsError
-from .net.tls import TrustConfig
+from .net.tls.trust import TrustConfig
 from .proto.aead import info
 from .server.daemon import ServerDaemon, Sockets, open_tcp_socket, open_udp_socket
 from .server.stats import format_serverstats

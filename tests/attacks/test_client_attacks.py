@@ -23,7 +23,7 @@ from ntspy.certs import CertPaths, make_test_pki
 from ntspy.client.session import Measurement, NtsSession
 from ntspy.demo import loopback_server
 from ntspy.errors import KeConnectionError, KeError, NakBackoff, NtsError
-from ntspy.net.tls import TrustConfig
+from ntspy.net.tls.trust import TrustConfig
 from ntspy.proto import nts
 from ntspy.proto.aead import Aead, AeadId
 from ntspy.proto.ntp import (

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ntspy.client.session import NtsSession
 from ntspy.errors import NtsError
-from ntspy.net.tls import TrustConfig
+from ntspy.net.tls.trust import TrustConfig
 from ntspy.proto.ntp import Mode, NtpHeader
 from tests.peers import ServerProc
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ntspy.client.session import NtsSession
-from ntspy.net.tls import TrustConfig
+from ntspy.net.tls.trust import TrustConfig
 from tests.peers import LOOPBACK, start_ntspy_server
 
 DENIED = "127.0.0.2"  # loopback too, but outside the allow rule

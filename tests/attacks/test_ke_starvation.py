@@ -21,7 +21,7 @@ import pytest
 
 from ntspy.client.ke import key_exchange
 from ntspy.errors import NtsError
-from ntspy.net.tls import TrustConfig
+from ntspy.net.tls.trust import TrustConfig
 from tests.peers import LOOPBACK, start_ntspy_server
 
 ATTACKER = "127.0.0.2"

@@ -22,7 +22,8 @@ import pytest
 
 from ntspy.client.ke import KeResult
 from ntspy.client.session import NtsSession
-from ntspy.net.tls import NTSKE_ALPN, TrustConfig
+from ntspy.net.tls.ntske import NTSKE_ALPN
+from ntspy.net.tls.trust import TrustConfig
 from ntspy.proto import ke, nts
 from ntspy.proto.aead import Aead, supported
 from ntspy.proto.ntp import HEADER_LEN, Mode, NtpHeader

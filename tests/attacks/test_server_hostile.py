@@ -17,7 +17,7 @@ import pytest
 
 from ntspy.client.ke import KeResult
 from ntspy.client.session import NtsSession
-from ntspy.net.tls import TrustConfig
+from ntspy.net.tls.trust import TrustConfig
 from ntspy.proto import ke, nts
 from ntspy.proto.aead import Aead
 from ntspy.proto.ntp import HEADER_LEN, Mode, NtpHeader

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ntspy.client.session import NtsSession
-from ntspy.net.tls import TrustConfig
+from ntspy.net.tls.trust import TrustConfig
 from ntspy.server.keys import KEY_FILE_NAME, STATE_KIND, STATE_VERSION
 from ntspy.state import b64, decode_state, encode_state
 from tests.peers import NO_SYS_TIME, ServerProc, prepare_ntspy_server, wait_for_tcp

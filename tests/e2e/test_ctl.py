@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ntspy.client.session import NtsSession
-from ntspy.net.tls import TrustConfig
+from ntspy.net.tls.trust import TrustConfig
 from tests.peers import ServerProc
 
 

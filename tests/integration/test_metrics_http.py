@@ -14,7 +14,7 @@ import pytest
 
 from ntspy.client.session import NtsSession
 from ntspy.control.protocol import request
-from ntspy.net.tls import TrustConfig
+from ntspy.net.tls.trust import TrustConfig
 from tests.peers import (
     LOOPBACK,
     MetricSamples,

@@ -190,7 +190,7 @@ def test_serve_drops_root_and_still_serves_nts(workers: int) -> None:
     import tempfile
 
     from ntspy import NtsSession
-    from ntspy.net.tls import TrustConfig
+    from ntspy.net.tls.trust import TrustConfig
     top = Path(tempfile.mkdtemp(prefix="ntspy-serve-user-"))
     try:
         top.chmod(0o755)

@@ -16,7 +16,7 @@ from ntspy.certs import CertPaths, make_test_pki
 from ntspy.client.session import NtsSession
 from ntspy.control.protocol import request
 from ntspy.errors import CertificateError, KeError
-from ntspy.net.tls import TrustConfig
+from ntspy.net.tls.trust import TrustConfig
 from ntspy.server.keys import KEY_FILE_NAME
 from tests.conftest import ServerFactory
 from tests.peers import (

@@ -90,7 +90,7 @@ def test_accelerator_is_built_where_it_can_be() -> None:
 
 def test_ke_engine_is_built_where_it_can_be() -> None:
     # Same for the NTS-KE engine: libssl comes with the same libssl-dev.
-    from ntspy.net.tls import HAVE_NATIVE_KE
+    from ntspy.net.tls.credentials import HAVE_NATIVE_KE
 
     built = importlib.util.find_spec("ntspy._ke") is not None
     if _headers_present() and Path("/usr/include/openssl/ssl.h").exists():

@@ -18,7 +18,7 @@ import ntspy
 from ntspy.api import NTPStats, reference_id_int
 from ntspy.certs import make_test_pki
 from ntspy.client.session import Measurement
-from ntspy.net.tls import TrustConfig, client_context, split_ca
+from ntspy.net.tls.trust import TrustConfig, client_context, split_ca
 from ntspy.proto.ntp import NTP_UNIX_OFFSET, Mode, NtpHeader, unix_ns_to_ntp
 
 HOST = "127.0.0.1"

@@ -35,7 +35,7 @@ from ntspy.check import (
 )
 from ntspy.client.ke import KeResult
 from ntspy.errors import KeConnectionError, KeProtocolError, KeServerError
-from ntspy.net.tls import VerifyError
+from ntspy.net.tls.trust import VerifyError
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 

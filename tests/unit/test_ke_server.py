@@ -24,7 +24,8 @@ import pytest
 
 from ntspy.certs import CertPaths, make_test_pki
 from ntspy.client.ke import key_exchange
-from ntspy.net.tls import HAVE_NATIVE_KE, ServerContexts, TrustConfig
+from ntspy.net.tls.credentials import HAVE_NATIVE_KE, ServerContexts
+from ntspy.net.tls.trust import TrustConfig
 from ntspy.proto import ke
 from ntspy.proto.aead import AeadId
 from ntspy.proto.cookies import MASTER_KEY_LEN, KeyRing, MasterKey
@@ -490,7 +491,7 @@ _FD_STARVED_SERVER = textwrap.dedent("""
     import asyncio, os, resource, sys
     from datetime import UTC, datetime
     from pathlib import Path
-    from ntspy.net.tls import ServerContexts
+    from ntspy.net.tls.credentials import ServerContexts
     from ntspy.proto.aead import AeadId
     from ntspy.proto.cookies import KeyRing, MasterKey
     from ntspy.server.ke_server import KeServer

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from ..api import SAMPLE_INTERVAL, best, make_session
 from ..errors import NtsError
-from ..net.tls import TrustConfig
+from ..net.tls.trust import TrustConfig
 from ..proto.ke import DEFAULT_KE_PORT, NextProtocol
 from ..proto.ntp import Leap
 from .ke import KeResult, key_exchange

@@ -26,7 +26,7 @@ from ..config import Config, SourceConfig, load_sources_dir, parse_source_line
 from ..errors import ConfigError, NtsError, StateFileError
 from ..leapsec import leap_at_end_of_day, zone_knows_leap_seconds
 from ..net.dns import TYPE_A, TYPE_AAAA, Resolver, is_ip_address
-from ..net.tls import TrustConfig
+from ..net.tls.trust import TrustConfig
 from ..proto.ntp import Leap, reference_id_for, unix_ns_to_ntp
 from ..state import atomic_write, read_state, set_aside
 from ..sync.discipline import Discipline, Tracking, apply_action, format_drift, parse_drift

@@ -1,7 +1,7 @@
 """NTS-KE client (RFC 8915 s4): one TLS session that yields keys and cookies.
 
 The record logic lives in :mod:`ntspy.proto.ke`; this module only moves its
-bytes over a :class:`~ntspy.net.tls.TlsStream` and exports the two AEAD keys
+bytes over a :class:`~ntspy.net.tls.stream.TlsStream` and exports the two AEAD keys
 from the TLS session before closing it.
 """
 
@@ -17,7 +17,8 @@ from OpenSSL import SSL
 
 from ..errors import KeConnectionError, KeProtocolError, KeTimeoutError, format_duration
 from ..net.dns import getaddrinfo
-from ..net.tls import TlsStream, TrustConfig, client_context
+from ..net.tls.stream import TlsStream
+from ..net.tls.trust import TrustConfig, client_context
 from ..proto import aead as aead_mod
 from ..proto import ke
 from ..proto.ntp import NTP_PORT

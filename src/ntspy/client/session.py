@@ -38,7 +38,7 @@ from ..errors import (
     StateFileError,
     format_duration,
 )
-from ..net.tls import CaSource, TrustConfig
+from ..net.tls.trust import CaSource, TrustConfig
 from ..net.udp import Received, UdpClient
 from ..proto import aead as aead_mod
 from ..proto import nts

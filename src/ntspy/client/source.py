@@ -19,7 +19,7 @@ from ..clock import Clock
 from ..config import SourceConfig
 from ..errors import KeConnectionError, KeError, KissOfDeath, NtsError, StateFileError
 from ..net.dns import is_ip_address
-from ..net.tls import TrustConfig
+from ..net.tls.trust import TrustConfig
 from ..proto.aead import info
 from ..proto.ntp import Leap
 from ..state import check_permissions, load_state, save_state, set_aside

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ..clock import Clock, SystemClock
 from ..config import Config, RateLimit
 from ..errors import CertificateError, NtsError
-from ..net.tls import ServerContexts
+from ..net.tls.credentials import ServerContexts
 from ..net.udp import UdpServer
 from ..privileges import PrivilegeError, lookup
 from ..proto import aead

@@ -30,7 +30,7 @@ answers, counters and log lines:
   of a key exchange's CPU time; see docs/performance.md.
 - the pure-Python fallback: one :class:`KeServerProtocol` per connection
   feeds what the socket delivers straight into pyOpenSSL's memory BIO
-  (:class:`~ntspy.net.tls.ServerTls`): no StreamReader/StreamWriter, no task,
+  (:class:`~ntspy.net.tls.server.ServerTls`): no StreamReader/StreamWriter, no task,
   one timer handle per phase.  It serves when the engine is not built, when
   ``NTSPY_NO_ACCEL=1``, or when the system OpenSSL refuses the certificates.
 """
@@ -49,14 +49,9 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from ..errors import KeProtocolError, NtsError
-from ..net.tls import (
-    HAVE_NATIVE_KE,
-    NTSKE_ALPN,
-    ServerContexts,
-    ServerTls,
-    ServerTlsFailure,
-    handshake_error,
-)
+from ..net.tls.credentials import HAVE_NATIVE_KE, ServerContexts
+from ..net.tls.ntske import NTSKE_ALPN, ServerTlsFailure, handshake_error
+from ..net.tls.server import ServerTls
 from ..proto import ke
 from ..proto.cookies import KeyRing
 from .clientlog import ClientLog
@@ -583,7 +578,7 @@ def _listen(host: str | None, port: int) -> list[socket.socket]:
 class KeEnd(enum.StrEnum):
     """How an accepted NTS-KE connection ended without an answer: one name for each
     way, the same in both back ends (the compiled engine reports these strings,
-    :class:`~ntspy.net.tls.ServerTlsFailure` carries them for the asyncio path),
+    :class:`~ntspy.net.tls.ntske.ServerTlsFailure` carries them for the asyncio path),
     and one table, :func:`end_message`, for what the log says."""
 
     TLS = "tls"  # the handshake failed (OpenSSL's reason)
