@@ -46,7 +46,7 @@ UNKNOWN_SKEW_PPM = 1000.0
 """Skew reported before a frequency can be estimated; equals chrony's default
 ``maxupdateskew``, so such an estimate is never used to steer the frequency."""
 
-PHASE_TAPER = 0.5
+PHASE_TAPER = 1.0
 """How much less the oldest sample of the window counts for the phase estimate
 than the newest (weights fall linearly from 1 to 1 / (1 + taper))."""
 
@@ -54,8 +54,19 @@ MAX_ASYMMETRY = 0.5
 """The largest share of the excess delay that can show in the offset (all of
 the queueing on one leg of the path)."""
 ASYMMETRY_AVERAGING = 0.03
+"""Weight of one window's asymmetry estimate in the running one, once there
+have been 1 / ASYMMETRY_AVERAGING windows (before, the running estimate is
+their plain mean: a path's asymmetry is there from the first sample, and a
+running estimate that starts at 0 would take an hour to find it)."""
 ASYMMETRY_GATE = 6.0
-"""Weight of one window's asymmetry estimate in the running one."""
+"""The running estimate corrects the offsets only when it exceeds this many
+standard errors of the newest window's estimate."""
+MIN_RESIDUAL_SHARE = 0.05
+"""Share of its excess delay a sample's offset is still taken to be wrong by
+after the asymmetry correction (the weights of the frequency fit)."""
+PHASE_EXCESS_SHARE = 1.5
+"""Where the path is asymmetric, how hard excess delay counts against a sample
+in the phase estimate (see :meth:`SourceStats._refit`)."""
 MIN_ASYMMETRY_SAMPLES = 8
 """Samples needed before the asymmetry of the queueing is estimated."""
 
@@ -195,17 +206,18 @@ class _Fit:
     (0: none); the model is ``intercept + slope * x + curvature * x^2``."""
 
 
-def _weights(delays: list[float], sd: float | None) -> list[float]:
+def _weights(delays: list[float], sd: float | None, share: float = 0.5) -> list[float]:
     """Lower-delay samples count more: queueing adds asymmetry, hence offset error.
 
-    A sample's offset can be wrong by up to half its delay in excess of the
-    shortest one.  That excess is judged against ``sd``, the spread of the
-    offsets the previous fit found (as chrony does): where the path's queues
-    dominate the noise, samples that met them weigh little.  Before there is
-    a fit the median excess stands in, keeping the weights mild.
+    A sample's offset can be wrong by up to ``share`` (half, by default) of
+    its delay in excess of the shortest one.  That excess is judged against
+    ``sd``, the spread of the offsets the previous fit found (as chrony
+    does): where the path's queues dominate the noise, samples that met them
+    weigh little.  Before there is a fit the median excess stands in, keeping
+    the weights mild.
     """
     least = min(delays)
-    excess = [(d - least) / 2 for d in delays]
+    excess = [(d - least) * share for d in delays]
     if sd is None or not sd > 0:
         ordered = sorted(excess)
         sd = ordered[len(ordered) // 2]
@@ -411,8 +423,8 @@ class SourceStats:
     least ``minsamples``.  Memory is bounded by ``maxsamples``.
     """
 
-    __slots__ = ("_added", "_asym", "_asym_error", "_fit", "_maxsamples", "_minsamples", "_phase",
-                 "_samples", "_trims")
+    __slots__ = ("_added", "_asym", "_asym_error", "_asym_n", "_fit", "_maxsamples", "_minsamples",
+                 "_phase", "_samples", "_trims")
 
     def __init__(self, maxsamples: int = DEFAULT_MAXSAMPLES, minsamples: int = 6) -> None:
         if maxsamples < MIN_MAXSAMPLES:
@@ -424,6 +436,7 @@ class SourceStats:
         self._asym = 0.0
         self._phase = 0.0
         self._asym_error = math.inf
+        self._asym_n = 0
         self._added = 0
         self._trims: deque[int] = deque(maxlen=BEND_TRIMS)
         """Sample counts (:attr:`_added`) at which a window was cut for a bend."""
@@ -470,6 +483,18 @@ class SourceStats:
         delays = [s.delay for s in samples]
         weights = _weights(delays, self._fit.sigma if self._fit else None)
         offsets = self._correct_asymmetry(times, [s.offset for s in samples], delays, weights)
+        phase_weights = weights
+        if self.asymmetry:
+            # The correction took most of the queueing error out of the
+            # offsets: for the line (the frequency) a sample that met a queue
+            # is now nearly as good as one that did not, and the more samples
+            # count the steadier the slope.  What is left in them is the other
+            # leg's queueing, which the correction cannot see and which only
+            # ever adds: the phase, whose error the clock shows directly, is
+            # taken from the quickest samples.
+            sd = self._fit.sigma if self._fit else None
+            weights = _weights(delays, sd, max(0.5 - abs(self.asymmetry), MIN_RESIDUAL_SHARE))
+            phase_weights = _weights(delays, sd, PHASE_EXCESS_SHARE)
         start = 0
         while True:
             fit = _fit(times[start:], offsets[start:], weights[start:])
@@ -501,7 +526,7 @@ class SourceStats:
         # the clock would feel) stays the plain fit's.
         span = max(1, ts[-1] - ts[0])
         tapered = [w / (1.0 + PHASE_TAPER * (ts[-1] - t) / span)
-                   for w, t in zip(ws, ts, strict=True)]
+                   for w, t in zip(phase_weights[start:], ts, strict=True)]
         self._phase = _fit(ts, ys, tapered).intercept
 
     def _bending(self) -> bool:
@@ -522,10 +547,11 @@ class SourceStats:
             share, error = found
             if math.isfinite(share) and math.isfinite(error):
                 # Averaged over refits: one window's estimate is noisy, the
-                # path's asymmetry changes slowly.
-                self._asym += ASYMMETRY_AVERAGING * (share - self._asym)
-                self._asym_error = error if math.isinf(self._asym_error) else \
-                    self._asym_error + ASYMMETRY_AVERAGING * (error - self._asym_error)
+                # path's asymmetry changes slowly.  The gate compares with
+                # the newest window's error, which shrinks as the window grows.
+                self._asym_n += 1
+                self._asym += max(ASYMMETRY_AVERAGING, 1.0 / self._asym_n) * (share - self._asym)
+                self._asym_error = error
         share = self.asymmetry
         if not share:
             return offsets
