@@ -112,3 +112,27 @@ def test_authselectmode_mix_resists_lying_unauthenticated_majority() -> None:
                       select_config=SelectConfig(authselectmode=AuthSelectMode.IGNORE))
     assert ignore.rows[-1].states["nts"] == SourceState.FALSETICKER
     assert abs(ignore.rows[-1].clock_error_s - 0.3) < 0.01  # followed the majority
+
+
+def test_after_the_first_correction_no_update_slews_faster_than_500_ppm() -> None:
+    # The first update removes the start-up offset as fast as the clock
+    # allows; after that every correction is a few hundred microseconds of
+    # drift, and slewing it at more than 500 ppm would make the clock useless
+    # for measuring intervals (as it is for chronyd's "synchronised" figure).
+    # Three samples can happen to line up; their fit's error must not be
+    # taken as that small.
+    from ntspy.sync.discipline import slew_duration
+
+    worst = 0.0
+    for seed in range(1, 21):
+        trace = simulate([SimServer("a", one_way_delay_s=1e-4, jitter_s=1e-4)], 600, poll=16,
+                         seed=seed, initial_offset_s=0.1, frequency_error_ppm=10.0)
+        actions = [r.action for r in trace.rows if r.action is not None]
+        assert len(actions) > 10
+        for action in actions[1:]:
+            if not action.slew_offset_s:
+                continue
+            duration = slew_duration(action.correction_rate, action.slew_offset_s)
+            rate = abs(action.slew_offset_s) / duration if duration else math.inf
+            worst = max(worst, rate)
+    assert worst < 500e-6, f"{worst * 1e6:.0f} ppm"

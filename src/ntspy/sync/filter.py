@@ -72,6 +72,8 @@ MIN_ASYMMETRY_SAMPLES = 8
 
 MIN_WEIGHT_SD = 1e-9
 """Floor of the spread that excess delays are judged against, seconds."""
+WEIGHT_FLOOR = 0.125
+"""... and its floor as a share of the window's median excess delay."""
 
 CURVATURE_T = 2.5
 """How many standard errors a quadratic term must reach to call the window bent."""
@@ -218,10 +220,13 @@ def _weights(delays: list[float], sd: float | None, share: float = 0.5) -> list[
     """
     least = min(delays)
     excess = [(d - least) * share for d in delays]
+    typical = sorted(excess)[len(excess) // 2]
     if sd is None or not sd > 0:
-        ordered = sorted(excess)
-        sd = ordered[len(ordered) // 2]
-    scale = max(sd, MIN_WEIGHT_SD)
+        sd = typical
+    # Never judged against much less than the typical excess: a spread that
+    # small would give all weight to the one or two quickest samples, whose
+    # fit then leaves no residuals, which makes the next spread smaller still.
+    scale = max(sd, typical * WEIGHT_FLOOR, MIN_WEIGHT_SD)
     return [1.0 / (1.0 + e / scale) ** 2 for e in excess]
 
 
@@ -662,7 +667,10 @@ class SourceStats:
         if fit.sxx <= 0:
             return fit.sigma
         var = fit.intercept_var + fit.sigma**2 * ((x - fit.mean_t) ** 2 - fit.mean_t**2) / fit.sxx
-        return math.sqrt(max(var, 0.0))
+        # With few residuals the spread itself is a guess (three samples can
+        # happen to line up): widen the error by how much the t distribution
+        # of so few degrees of freedom is wider than the normal one.
+        return math.sqrt(max(var, 0.0)) * _t_quantile(fit.dof) / _t_quantile(10**9)
 
     def root_distance(self, now_ns: int) -> float:
         """Upper bound of this source's error, seconds (RFC 5905 s11.2.2 lambda).
