@@ -3,13 +3,18 @@ the old key, temporary files do not pile up."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from ntspy.errors import StateFileError
+from ntspy.proto.cookies import CookieKeys
+from ntspy.proto.nts import verify_response
 from ntspy.server.keys import KEY_FILE_NAME, KeyStore
 from ntspy.state import temp_path
+from tests.unit.test_responder import AEAD, C2S, NOW, S2C, make, nts_request
 
 
 def test_a_new_key_is_on_disk_before_the_ring_uses_it(tmp_path: Path) -> None:
@@ -73,3 +78,39 @@ def test_a_stale_temporary_file_is_removed_and_never_multiplied(tmp_path: Path) 
     for t in range(1_001, 1_040):
         store.rotate_if_due(t)
     assert sorted(p.name for p in tmp_path.iterdir()) == [KEY_FILE_NAME]
+
+
+# The key file across restarts, as the responder sees it.
+
+
+def test_key_store_persists_and_survives_restart(tmp_path: Path) -> None:
+    _r, _, store = make(tmp_path)
+    path = tmp_path / KEY_FILE_NAME
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    req = nts_request(store)
+    # "Restart": a new store loads the same ring and still accepts the old cookie.
+    r2, _, store2 = make(tmp_path)
+    assert [k.key_id for k in store2.ring.keys] == [k.key_id for k in store.ring.keys]
+    out = r2.handle(req, "127.0.0.1", NOW, lambda: NOW)
+    assert out is not None and verify_response(out, b"i" * 32, 99, S2C)
+
+
+def test_corrupt_key_file_is_moved_aside_and_replaced(tmp_path: Path) -> None:
+    make(tmp_path)
+    path = tmp_path / KEY_FILE_NAME
+    path.write_bytes(path.read_bytes()[:-10])
+    _, _, store = make(tmp_path)
+    assert len(store.ring.keys) == 1
+    assert any(p.name.startswith(KEY_FILE_NAME + ".corrupt") for p in tmp_path.iterdir())
+    assert path.exists()
+
+
+def test_rotation_keeps_old_cookies_until_the_ring_forgets() -> None:
+    _, _, store = make()
+    keys = CookieKeys(AEAD, C2S.key, S2C.key)
+    old = store.ring.seal(keys, os.urandom(16))
+    store.rotate(NOW // 10**9 + 1)
+    store.rotate(NOW // 10**9 + 2)
+    assert store.ring.open(old) == keys
+    store.rotate(NOW // 10**9 + 3)
+    assert len(store.ring.keys) == 3
