@@ -63,7 +63,7 @@ cbc_feed(AesSivObject *s, unsigned char x[BLOCK], const unsigned char *data, siz
          unsigned char *out_last)
 {
     unsigned char scratch[SCRATCH];
-    size_t n = 0;
+    size_t n = 0, used = 0; /* used: how much of scratch was written, to cleanse */
     int outl, ok = 1, first = 1;
 
     while (len > 0) {
@@ -76,6 +76,7 @@ cbc_feed(AesSivObject *s, unsigned char x[BLOCK], const unsigned char *data, siz
             for (int i = 0; i < BLOCK; i++)
                 blk[i] = (unsigned char)(data[i] ^ x[i] ^ s->chain[i]);
             ok = EVP_EncryptUpdate(s->mac, scratch, &outl, blk, BLOCK) && outl == BLOCK;
+            used = BLOCK;
             OPENSSL_cleanse(blk, BLOCK);
             first = 0;
             if (!ok)
@@ -90,6 +91,8 @@ cbc_feed(AesSivObject *s, unsigned char x[BLOCK], const unsigned char *data, siz
             data += BLOCK;
             len -= BLOCK;
         }
+        if (n > used)
+            used = n;
         if (!EVP_EncryptUpdate(s->mac, scratch, &outl, in, (int)n) || outl != (int)n) {
             ok = 0;
             break;
@@ -108,7 +111,8 @@ cbc_feed(AesSivObject *s, unsigned char x[BLOCK], const unsigned char *data, siz
         if (!EVP_EncryptInit_ex(s->mac, NULL, NULL, NULL, s->chain))
             s->broken = 1;
     }
-    OPENSSL_cleanse(scratch, sizeof scratch);
+    if (used > 0)
+        OPENSSL_cleanse(scratch, used);
     return ok && !s->broken;
 }
 
