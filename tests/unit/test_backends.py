@@ -30,7 +30,7 @@ from ntspy.proto import aead as aead_module
 from ntspy.proto import nts
 from ntspy.proto.aead import ACCELERATED, Aead, AeadId
 from ntspy.proto.cookies import CookieKeys, KeyRing, MasterKey
-from ntspy.proto.ntp import EF_HEADER_LEN, HEADER_LEN, NtpHeader, SyncState, unix_ns_to_ntp
+from ntspy.proto.ntp import HEADER_LEN, NtpHeader, SyncState, unix_ns_to_ntp
 from ntspy.server.responder import Responder
 from ntspy.server.stats import StatsTable
 from tests.unit.test_responder import NOW, RING, nts_requests
@@ -267,7 +267,7 @@ def test_both_backends_answer_the_same_request(
                                 Aead(aead_id, c2s), rng.randbytes(16))
     layout = nts.scan_request(request)
     assert layout is not None and layout[2] == placeholders
-    count = fast.cookie_count(placeholders, layout[3] - HEADER_LEN - EF_HEADER_LEN, len(request))
+    count = fast.cookie_count(placeholders, layout[3] - HEADER_LEN, len(request))
     rnd = rng.randbytes(fast.random_len[count])
     out = fast.answer(request, layout, header, count, rnd)
     assert out is not None and out == slow.answer(request, layout, header, count, rnd)

@@ -21,9 +21,13 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import AuthenticationFailure, MalformedPacket
 from .aead import Aead, AeadId, info
+
+if TYPE_CHECKING:
+    from .._accel import AesSiv
 
 MASTER_KEY_ALGORITHM = AeadId.AES_SIV_CMAC_256
 MASTER_KEY_LEN = 32
@@ -68,10 +72,10 @@ class CookieSealer:
     """Seals new cookies carrying one session's keys under one master key.
 
     A cookie is ``prefix | nonce | master.seal(nonce, plaintext, prefix)``;
-    the compiled response builder (``ntspy._accel.NtsPlan``) is handed
-    :attr:`prefix`, :attr:`plaintext` and :attr:`master` and makes the same
-    bytes. A sealer is bound to the ring's current key when it was made:
-    rebuild it when :attr:`KeyRing.version` changes.
+    :attr:`compiled` hands the same recipe to the compiled response builder
+    (``ntspy._accel.NtsPlan``), which makes the same bytes. A sealer is bound
+    to the ring's current key when it was made: rebuild it when
+    :attr:`KeyRing.version` changes.
     """
 
     __slots__ = ("length", "master", "plaintext", "prefix")
@@ -82,6 +86,14 @@ class CookieSealer:
         self.plaintext = plaintext
         self.length = len(prefix) + COOKIE_NONCE_LEN + len(plaintext) + _TAG_LEN
         """Bytes per cookie."""
+
+    @property
+    def compiled(self) -> tuple[AesSiv, bytes, bytes] | None:
+        """(master key, prefix, plaintext) for ``ntspy._accel.NtsPlan``, which seals
+        each cookie as ``prefix | nonce | master.seal(nonce, plaintext, ad=prefix)``;
+        None when the master key does not run on the accelerator."""
+        native = self.master.native
+        return None if native is None else (native, self.prefix, self.plaintext)
 
     def seal(self, nonce: bytes) -> bytes:
         """One cookie under the 16-byte ``nonce``."""

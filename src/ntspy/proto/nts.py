@@ -371,8 +371,9 @@ class ResponsePlan:
     bytes (tests/unit/test_backends.py).
     """
 
-    __slots__ = ("_auth_heads", "_cookie_head", "_cookie_pad", "_native", "_nonce_pad",
-                 "_tails", "c2s", "cookie_len", "nonce_len", "random_len", "s2c", "sealer")
+    __slots__ = ("_auth_heads", "_cookie_field", "_cookie_head", "_cookie_pad", "_fixed_len",
+                 "_native", "_nonce_pad", "_tails", "c2s", "cookie_len", "nonce_len",
+                 "random_len", "s2c", "sealer")
 
     def __init__(self, c2s: Aead, s2c: Aead, sealer: CookieSealer) -> None:
         if c2s.aead_id != s2c.aead_id:
@@ -394,16 +395,21 @@ class ResponsePlan:
             auth = encode_authenticator(bytes(nonce_len), bytes(ct_len))
             heads.append(auth[:8])
             tails.append(auth[8 + _pad4(nonce_len) + ct_len:])
+        # A response is _fixed_len + the unique id field + _cookie_field per cookie
+        # (cookie fields are multiples of 4, so no padding moves with the count).
+        self._cookie_field = len(field)
+        self._fixed_len = HEADER_LEN + len(heads[0]) + _pad4(nonce_len) + len(tails[0]) + _TAG_LEN
         self._auth_heads: tuple[bytes, ...] = tuple(heads)
         self._tails: tuple[bytes, ...] = tuple(tails)
-        natives = (c2s.native, s2c.native, sealer.master.native)
         self._native: _NtsPlan | None = None
-        if _NtsPlan is not None and natives[0] is not None and natives[1] is not None \
-                and natives[2] is not None:
+        c2s_native, s2c_native, cookies = c2s.native, s2c.native, sealer.compiled
+        if (_NtsPlan is not None and c2s_native is not None and s2c_native is not None
+                and cookies is not None):
+            master, prefix, plaintext = cookies
             self._native = _NtsPlan(
-                natives[0], natives[1], natives[2], self._cookie_head, sealer.prefix,
-                sealer.plaintext, len(self._cookie_pad), nonce_len, len(self._nonce_pad),
-                self._auth_heads, tuple(len(t) for t in tails),
+                c2s_native, s2c_native, master, self._cookie_head, prefix, plaintext,
+                len(self._cookie_pad), nonce_len, len(self._nonce_pad), self._auth_heads,
+                tuple(len(t) for t in tails),
             )
 
     @property
@@ -411,11 +417,16 @@ class ResponsePlan:
         """Whether this plan builds on ``ntspy._accel``."""
         return self._native is not None
 
-    def cookie_count(self, placeholders: int, uid_len: int, request_len: int) -> int:
-        """New cookies for a request with ``placeholders`` and a unique id this
-        long (:func:`cookies_that_fit`)."""
-        return cookies_that_fit(placeholders, uid_len, self.cookie_len, self.nonce_len,
-                                request_len)
+    def cookie_count(self, placeholders: int, unique_id_field_len: int, request_len: int) -> int:
+        """New cookies for a request with ``placeholders`` and a unique identifier
+        field this long (EF header and padding included): :func:`cookies_that_fit`'s
+        answer, in closed form."""
+        count = placeholders + 1 if placeholders < MAX_COOKIES_PER_RESPONSE else \
+            MAX_COOKIES_PER_RESPONSE
+        fit = (request_len - self._fixed_len - unique_id_field_len) // self._cookie_field
+        if fit < count:  # no builtin min/max: this runs per packet
+            count = fit if fit > 0 else 0
+        return count
 
     def seal(self, header: bytes, unique_id_field: bytes, count: int, random: bytes,
              limit: int) -> bytes:

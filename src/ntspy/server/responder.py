@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-import struct
 import weakref
 from collections.abc import Callable
 
@@ -30,16 +29,22 @@ from ..proto import nts
 from ..proto.aead import Aead
 from ..proto.cookies import KeyRing
 from ..proto.ntp import (
-    EF_HEADER_LEN,
     HEADER_LEN,
     KISS_NTS_NAK,
     KISS_RATE,
     NS_PER_SECOND,
     NTP_UNIX_OFFSET,
+    REQUEST_POLL,
+    REQUEST_TRANSMIT,
+    RESPONSE_HEADER,
+    RESPONSE_MIDDLE,
+    V4_CLIENT,
+    VERSION_MODE_MASK,
     Mode,
     NtpHeader,
     SyncState,
     encode_ef,
+    first_byte,
     iter_efs,
     seconds_to_short,
     unix_ns_to_ntp,
@@ -104,12 +109,8 @@ _ANSWERED, _RATE_KOD, _NTS_ANSWERED, _NTS_RATE_KOD, _NAK, _RATE_NAK = (
     Reason.RATE_NAK,
 )
 
-# A response header is the request's poll and transmit time between bytes that
-# depend only on the server state: first byte, stratum, poll, the 21 bytes from
-# precision to reference time (_MID), origin, receive, transmit.
-_MID = struct.Struct("!bII4sQ")
-_REPLY = struct.Struct("!BBB21s8sQQ")
-_V4_CLIENT = 4 << 3 | Mode.CLIENT  # version and mode bits of an NTPv4 client request
+_REPLY_PACK = RESPONSE_HEADER.pack
+_POLL, _ORIGIN = REQUEST_POLL, REQUEST_TRANSMIT
 
 
 class RandomPool:
@@ -154,8 +155,7 @@ _TS_MASK = (1 << 64) - 1
 
 
 def _ntp_ts(unix_ns: int) -> int:
-    # unix_ns_to_ntp in one expression (no divmod, no tuple), inlined in handle:
-    # (ns << 32) // 1e9 is the seconds << 32 plus the fraction, exactly.
+    # unix_ns_to_ntp's expression, inlined in handle where it runs twice per packet
     return ((unix_ns << 32) // NS_PER_SECOND + _NTP_EPOCH) & _TS_MASK
 
 
@@ -204,11 +204,10 @@ class Responder:
     def state(self, state: SyncState) -> None:
         self._state = state
         rd, rdisp = seconds_to_short(state.root_delay), seconds_to_short(state.root_dispersion)
-        self._first = state.leap << 6 | Mode.SERVER
-        # (first byte with version 4, stratum, the bytes from precision to the
-        # reference time): the header's parts that do not depend on the request
-        first = self._first | 0x20
-        pack = _MID.pack
+        # (first byte, stratum, the bytes from precision to the reference time):
+        # the header's parts that do not depend on the request (an NTPv4 one)
+        first = first_byte(state.leap, 4, Mode.SERVER)
+        pack = RESPONSE_MIDDLE.pack
         self._head = (first, state.stratum,
                       pack(state.precision, rd, rdisp, state.reference_id, state.reference_ts))
         self._head_rate = (first, 0, pack(state.precision, rd, rdisp, KISS_RATE,
@@ -259,7 +258,7 @@ class Responder:
         # The usual requests: NTPv4 client mode, either a bare header or the NTS
         # layout a client sends. Anything else is read by the general parser,
         # before any side effect.
-        if not self.fastpath or n < HEADER_LEN or data[0] & 0x3F != _V4_CLIENT:
+        if not self.fastpath or n < HEADER_LEN or data[0] & VERSION_MODE_MASK != V4_CLIENT:
             return self._handle_general(data, address, rx_ns, tx_clock)
         layout = None
         if n > HEADER_LEN:
@@ -293,15 +292,14 @@ class Responder:
             self.reason = reason = _RATE_KOD if rate else _ANSWERED
             for i in self._rows[reason]:  # _record, inlined
                 view[i] += 1
-            return _REPLY.pack(first, stratum, data[2], mid, data[40:48], rx,
+            return _REPLY_PACK(first, stratum, data[_POLL], mid, data[_ORIGIN], rx,
                                ((tx_clock() << 32) // NS_PER_SECOND + _NTP_EPOCH) & _TS_MASK)
         # NTS: the cookie's plan answers, or the request gets a NAK.
         plan = self._plan(data[layout[0]:layout[1]])
         if plan is not None:
-            count = nts.cookies_that_fit(layout[2], layout[3] - HEADER_LEN - EF_HEADER_LEN,
-                                         plan.cookie_len, plan.nonce_len, n)
+            count = plan.cookie_count(layout[2], layout[3] - HEADER_LEN, n)
             rand = self.random_bytes(plan.random_len[count])
-            header = _REPLY.pack(first, stratum, data[2], mid, data[40:48], rx,
+            header = _REPLY_PACK(first, stratum, data[_POLL], mid, data[_ORIGIN], rx,
                                  _ntp_ts(tx_clock()))
             reply = plan.answer(data, layout, header, count, rand)
             if reply is not None:
@@ -313,7 +311,7 @@ class Responder:
         # RFC 8915 s5.7: a cookie we cannot use, or a request that does not
         # authenticate, gets a NAK so the client knows to redo NTS-KE.
         self._record(_RATE_NAK if rate else _NAK)
-        header = _REPLY.pack(first, 0, data[2], self._mid_nak, data[40:48], rx,
+        header = _REPLY_PACK(first, 0, data[_POLL], self._mid_nak, data[_ORIGIN], rx,
                              _ntp_ts(tx_clock()))
         return nts.nak_packet(header, data[HEADER_LEN:layout[3]])
 
@@ -427,10 +425,10 @@ class Responder:
         placeholders = request.placeholders
         if plaintext:
             placeholders += nts.count_encrypted_placeholders(plaintext, len(request.cookie))
-        count = plan.cookie_count(placeholders, len(request.unique_id), len(data))
+        uid_field = encode_ef(nts.EfType.UNIQUE_IDENTIFIER, request.unique_id)
+        count = plan.cookie_count(placeholders, len(uid_field), len(data))
         rand = self.random_bytes(plan.random_len[count])
         self._record(Reason.NTS_RATE_KOD if rate else Reason.NTS_ANSWERED)
         self._view[self._base + _NTS_COOKIES] += count
         reply.transmit_ts = unix_ns_to_ntp(tx_clock())
-        return plan.seal(reply.pack(), encode_ef(nts.EfType.UNIQUE_IDENTIFIER, request.unique_id),
-                         count, rand, len(data))
+        return plan.seal(reply.pack(), uid_field, count, rand, len(data))
