@@ -32,7 +32,7 @@ def run(mode: str, n: int, aead_id: int) -> None:
     from ntspy.proto.aead import Aead, info
     from ntspy.proto.cookies import CookieKeys, KeyRing, MasterKey
     from ntspy.proto.ntp import NtpHeader
-    from ntspy.server.responder import Responder
+    from ntspy.server.responder import RandomPool, Responder
     from ntspy.server.stats import StatsTable
 
     rng = random.Random(1)
@@ -45,7 +45,7 @@ def run(mode: str, n: int, aead_id: int) -> None:
                                     1, Aead(aead_id, keys.c2s), rng.randbytes(meta.nonce_length))
     else:
         request = header.pack()
-    responder = Responder(ring, StatsTable().row(), rng.randbytes)
+    responder = Responder(ring, StatsTable().row(), RandomPool())  # as the daemon does
     now = 1_800_000_000 * 10**9
 
     def clock() -> int:

@@ -494,3 +494,20 @@ def test_random_pool_is_not_shared_with_a_forked_child() -> None:
     os.close(read)
     os.waitpid(pid, 0)
     assert len(child) == 16 and child != pool(16)
+
+
+def test_the_responder_draws_from_a_pool_without_its_call_slot() -> None:
+    drawn: list[int] = []
+
+    def source(n: int) -> bytes:
+        drawn.append(n)
+        return os.urandom(n)
+
+    r, _, store = make()
+    r.random_bytes = pool = RandomPool(block=4096, source=source)
+    assert r.random_bytes is pool
+    out = r.handle(nts_request(store, placeholders=1), "127.0.0.1", NOW, lambda: NOW)
+    assert out is not None and r.reason is Reason.NTS_ANSWERED
+    assert len(verify_response(out, b"i" * 32, 99, S2C).cookies) == 2
+    assert drawn == [4096] and pool._pos == 2 * 16 + 16  # two cookie nonces and the nonce
+    assert len(pool.take(16)) == 16 and pool._pos == 64

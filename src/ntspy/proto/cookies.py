@@ -121,7 +121,7 @@ class KeyRing:
         self.kept = kept
         self._ring: tuple[tuple[MasterKey, ...], dict[int, Aead]] = ((), {})
         # what unseal uses: each key's Aead.opener(), replaced with _ring
-        self._openers: dict[int, Callable[[bytes, bytes, bytes], bytes | None]] = {}
+        self._openers: dict[bytes, Callable[[bytes, bytes, bytes], bytes | None]] = {}
         self._pending: tuple[MasterKey, ...] = ()
         self.version = 0
         """Grows with every change of the ring (caches of it compare this)."""
@@ -182,7 +182,9 @@ class KeyRing:
         # Each attribute is replaced whole: a reader in another thread may see
         # the openers of the ring before or after the change, either is valid.
         self._ring = (kept, aeads)
-        self._openers = {key_id: aead.opener() for key_id, aead in aeads.items()}
+        # keyed by the cookie's prefix as it is on the wire: one slice per packet,
+        # which is the associated data too
+        self._openers = {_PREFIX.pack(key_id): aead.opener() for key_id, aead in aeads.items()}
         self.version += 1
 
     def _current(self) -> tuple[MasterKey, Aead]:
@@ -229,10 +231,11 @@ class KeyRing:
         """
         if len(cookie) < _MIN_COOKIE:
             return None
-        opener = self._openers.get(_PREFIX.unpack_from(cookie, 0)[0])
+        prefix = cookie[:_PREFIX.size]
+        opener = self._openers.get(prefix)
         if opener is None:
             return None
-        return opener(cookie[_PREFIX.size:_HEAD], cookie[_HEAD:], cookie[:_PREFIX.size])
+        return opener(cookie[_PREFIX.size:_HEAD], cookie[_HEAD:], prefix)
 
     @staticmethod
     def keys_in(sealed: bytes) -> CookieKeys:

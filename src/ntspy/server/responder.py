@@ -140,6 +140,12 @@ class RandomPool:
         self._buf, self._pos = b"", 0
 
     def __call__(self, n: int) -> bytes:
+        """``n`` random bytes."""
+        return self.take(n)
+
+    def take(self, n: int) -> bytes:
+        """``n`` random bytes (what calling the pool does, without the call slot:
+        the responder calls this one per packet)."""
         pos = self._pos
         end = pos + n
         if end > len(self._buf):
@@ -213,6 +219,16 @@ class Responder:
         self._head_rate = (first, 0, pack(state.precision, rd, rdisp, KISS_RATE,
                                           state.reference_ts))
         self._mid_nak = pack(state.precision, rd, rdisp, KISS_NTS_NAK, state.reference_ts)
+
+    @property
+    def random_bytes(self) -> Callable[[int], bytes]:
+        """Where the nonces come from: ``random_bytes(n)`` is n random bytes."""
+        return self._random_bytes
+
+    @random_bytes.setter
+    def random_bytes(self, random_bytes: Callable[[int], bytes]) -> None:
+        self._random_bytes = random_bytes
+        self._draw = random_bytes.take if isinstance(random_bytes, RandomPool) else random_bytes
 
     @property
     def clients(self) -> ClientLog | None:
@@ -298,7 +314,7 @@ class Responder:
         plan = self._plan(data[layout[0]:layout[1]])
         if plan is not None:
             count = plan.cookie_count(layout[2], layout[3] - HEADER_LEN, n)
-            rand = self.random_bytes(plan.random_len[count])
+            rand = self._draw(plan.random_len[count])
             header = _REPLY_PACK(first, stratum, data[_POLL], mid, data[_ORIGIN], rx,
                                  _ntp_ts(tx_clock()))
             reply = plan.answer(data, layout, header, count, rand)
@@ -427,7 +443,7 @@ class Responder:
             placeholders += nts.count_encrypted_placeholders(plaintext, len(request.cookie))
         uid_field = encode_ef(nts.EfType.UNIQUE_IDENTIFIER, request.unique_id)
         count = plan.cookie_count(placeholders, len(uid_field), len(data))
-        rand = self.random_bytes(plan.random_len[count])
+        rand = self._draw(plan.random_len[count])
         self._record(Reason.NTS_RATE_KOD if rate else Reason.NTS_ANSWERED)
         self._view[self._base + _NTS_COOKIES] += count
         reply.transmit_ts = unix_ns_to_ntp(tx_clock())
