@@ -1,6 +1,7 @@
 """Build hook for the optional compiled accelerator; metadata lives in pyproject.toml.
 
-``ntspy._accel`` (AES-SIV and batched UDP for the NTS server path) and
+``ntspy._accel`` (AES-SIV, the NTS response backend and batched UDP for
+the NTS server path) and
 ``ntspy._ke`` (the NTS-KE server's connection loop) need a C compiler, the
 Python headers and OpenSSL's (Debian: ``gcc``, ``python3-dev``,
 ``libssl-dev``). Without them the build skips them (``optional=True``) and
@@ -14,7 +15,9 @@ setup(
     ext_modules=[
         Extension(
             "ntspy._accel",
-            ["src/ntspy/_accel.c"],
+            ["src/ntspy/_accel.c", "src/ntspy/_accel_siv.c", "src/ntspy/_accel_nts.c",
+             "src/ntspy/_accel_udp.c"],
+            depends=["src/ntspy/_accel.h"],
             libraries=["crypto"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
             optional=True,

@@ -1,4 +1,5 @@
-"""Types of the optional compiled AES-SIV and batched UDP I/O (``src/ntspy/_accel.c``)."""
+"""Types of the optional compiled module ``ntspy._accel`` (``src/ntspy/_accel*.c``):
+AES-SIV, the NTS response builder's backend, batched UDP I/O."""
 
 from collections.abc import Sequence
 from typing import Any, TypeAlias
@@ -16,6 +17,9 @@ class AesSiv:
     def key_length(self) -> int: ...
     def seal(self, nonce: Buffer, plaintext: Buffer, associated_data: Buffer, /) -> bytes: ...
     def open(self, nonce: Buffer, ciphertext: Buffer, associated_data: Buffer, /) -> bytes: ...
+    def try_open(
+        self, nonce: Buffer, ciphertext: Buffer, associated_data: Buffer, /
+    ) -> bytes | None: ...
     def encrypt(
         self, plaintext: Buffer, associated_data: Sequence[Buffer] | None = None, /
     ) -> bytes: ...
@@ -42,14 +46,40 @@ def send_batch(fd: int, items: Sequence[tuple[bytes, tuple[Any, ...]]], /) -> in
     ValueError or OverflowError before anything is sent.
     """
 
-def nts_reply(
-    request: bytes,
-    header: bytes,
-    layout: tuple[int, int, int, int, int, int, int, int],
-    session: tuple[object, ...],
-    count: int,
-    random: bytes,
-    /,
-) -> bytes | None:
-    """The NTS response to ``request``, None when it does not verify (see
-    ``server/responder.py``'s fast path and the C source for the tuples)."""
+class NtsPlan:
+    """One session's response template, checked once (made by proto/nts.py's
+    ResponsePlan; see _accel_nts.c)."""
+
+    def __init__(
+        self,
+        c2s: AesSiv,
+        s2c: AesSiv,
+        master: AesSiv,
+        cookie_ef_head: bytes,
+        cookie_prefix: bytes,
+        cookie_plain: bytes,
+        cookie_pad: int,
+        nonce_len: int,
+        nonce_pad: int,
+        auth_heads: tuple[bytes, ...],
+        tails: tuple[int, ...],
+    ) -> None: ...
+    def seal(
+        self, header: bytes, unique_id_field: bytes, count: int, random: bytes, limit: int, /
+    ) -> bytes:
+        """The response: header, unique id field, authenticator sealing ``count`` cookies."""
+    def answer(
+        self,
+        request: bytes,
+        header: bytes,
+        count: int,
+        random: bytes,
+        uid_end: int,
+        auth_at: int,
+        nonce_start: int,
+        nonce_end: int,
+        ct_start: int,
+        ct_end: int,
+        /,
+    ) -> bytes | None:
+        """seal() for a request whose authenticator verifies under C2S, else None."""

@@ -127,3 +127,11 @@ def test_packet_round_trip() -> None:
     fields = [ExtensionField(0x0104, bytes(32)), ExtensionField(0x0204, bytes(100))]
     parsed = NtpPacket.parse(NtpPacket(NtpHeader(), fields).pack())
     assert [(e.type, e.body) for e in parsed.extensions] == [(f.type, f.body) for f in fields]
+
+
+@given(st.integers(-2**70, 2**70))
+def test_unix_ns_to_ntp_is_seconds_and_fraction_folded_to_the_era(ns: int) -> None:
+    # the one-expression form against the definition: seconds since 1900 modulo
+    # 2**32, then the nanoseconds as a binary fraction, floored
+    seconds, nanos = divmod(ns, 10**9)
+    assert unix_ns_to_ntp(ns) == ((seconds + 2_208_988_800) % 2**32) << 32 | (nanos << 32) // 10**9

@@ -6,6 +6,8 @@ import os
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ntspy.errors import AuthenticationFailure, KissOfDeath, MalformedPacket, NtsNakReceived
 from ntspy.proto.aead import Aead, AeadId
@@ -13,10 +15,12 @@ from ntspy.proto.cookies import CookieKeys, KeyRing, MasterKey, cookie_length
 from ntspy.proto.ntp import Mode, NtpHeader, NtpPacket, encode_ef
 from ntspy.proto.nts import (
     EfType,
+    ResponsePlan,
     authenticate_request,
     build_nak,
     build_request,
     build_response,
+    cookies_that_fit,
     encode_authenticator,
     parse_request,
     response_cookie_count,
@@ -191,3 +195,20 @@ def test_gcm_siv_nonce_padding() -> None:
     nonce_len, ct_len = struct.unpack_from("!HH", ef, 4)
     assert (nonce_len, ct_len) == (12, 16)
     assert len(ef) == 4 + 4 + 16 + 16  # 12-byte nonce padded out to 16 (RFC 8915 s5.6)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from([AeadId.AES_SIV_CMAC_256, AeadId.AES_SIV_CMAC_384,
+                        AeadId.AES_SIV_CMAC_512]),
+       st.integers(0, 12), st.integers(32, 90), st.integers(0, 1600))
+def test_a_plans_cookie_count_is_cookies_that_fit(
+    aead_id: AeadId, placeholders: int, uid_len: int, request_len: int
+) -> None:
+    # the plan's closed form against the rule spelled out (the response_length loop)
+    key_len = {15: 32, 16: 48, 17: 64}[aead_id]
+    keys = CookieKeys(aead_id, bytes(key_len), bytes(key_len))
+    ring = KeyRing([MasterKey(1, bytes(32), 0)])
+    plan = ResponsePlan(Aead(aead_id, keys.c2s), Aead(aead_id, keys.s2c), ring.sealer(keys))
+    uid_field = encode_ef(0x0104, bytes(uid_len))
+    assert plan.cookie_count(placeholders, len(uid_field), request_len) == cookies_that_fit(
+        placeholders, uid_len, cookie_length(aead_id), 16, request_len)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ntspy.clock import ManualClock, SystemClock
-from ntspy.net.udp import SO_TIMESTAMPNS, UdpClient, UdpServer, kernel_rx_ns
+from ntspy.net.udp import MAX_DATAGRAM, SO_TIMESTAMPNS, UdpClient, UdpServer, kernel_rx_ns
 
 
 def echo(data: bytes, addr: Any, rx_ns: int) -> bytes:
@@ -124,3 +124,51 @@ async def test_closed_port_reports_connection_refused() -> None:
             await asyncio.wait_for(client.recv(2.0), 3.0)
     finally:
         client.close()
+
+
+# The server's drain loop: every datagram counted once, nothing read after close.
+
+
+async def test_server_loop_counts_every_datagram_once() -> None:
+    def handler(data: bytes, addr: Any, rx_ns: int) -> bytes | None:
+        assert rx_ns > 0
+        if data == b"boom":
+            raise RuntimeError("handler bug")
+        return None if data == b"quiet" else data
+
+    server = await UdpServer.bind("127.0.0.1", 0, handler)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        payloads = [b"a", b"boom", b"quiet", b"b", bytes(MAX_DATAGRAM + 100), b"c"]
+        for p in payloads:
+            client.sendto(p, server.address)
+        answers = sorted([
+            (await asyncio.wait_for(loop.sock_recvfrom(client, MAX_DATAGRAM), 2.0))[0]
+            for _ in range(3)
+        ])
+        assert answers == [b"a", b"b", b"c"]
+        for _ in range(50):  # the last datagrams may still be in flight
+            if server.stats.received == len(payloads):
+                break
+            await asyncio.sleep(0.01)
+        s = server.stats
+        assert (s.received, s.sent, s.dropped, s.truncated) == (6, 3, 1, 1)
+        assert s.kernel_rx_timestamps + s.daemon_rx_timestamps == s.received
+        assert s.kernel_rx_timestamps == s.received == 6  # Linux stamps every one
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_server_loop_stops_reading_when_closed() -> None:
+    server = await UdpServer.bind("127.0.0.1", 0, lambda d, a, t: d)
+    address = server.address
+    server.close()
+    server.close()  # twice is fine
+    assert server.sock.fileno() == -1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.sendto(b"x", address)  # nobody reads it; nothing raises in the loop
+        await asyncio.sleep(0.05)
+    assert server.stats.received == 0

@@ -12,6 +12,7 @@ import, keeps everything on ``cryptography``.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -131,3 +132,17 @@ class Aead:
             return self._gcm.decrypt(nonce, ciphertext, associated_data)
         except (InvalidTag, _FastInvalidTag, ValueError) as exc:
             raise AuthenticationFailure("AEAD verification failed") from exc
+
+    def try_open(self, nonce: bytes, ciphertext: bytes, associated_data: bytes) -> bytes | None:
+        """:meth:`open`, with None for input that does not verify."""
+        try:
+            return self.open(nonce, ciphertext, associated_data)
+        except AuthenticationFailure:
+            return None
+
+    def opener(self) -> Callable[[bytes, bytes, bytes], bytes | None]:
+        """:meth:`try_open` as one callable, the compiled one where there is
+        one (no Python frame per call): for callers that keep it."""
+        if self._fast is not None:
+            return self._fast.try_open
+        return self.try_open

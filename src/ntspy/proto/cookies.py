@@ -10,17 +10,24 @@ with the key id as associated data. With AES-SIV-CMAC-256 client keys that
 is 104 bytes, with AES-128-GCM-SIV 72: always a multiple of four.
 
 The :class:`KeyRing` holds the current master key and a few previous ones, so
-cookies issued before a rotation keep working for a while.
+cookies issued before a rotation keep working for a while. This module alone
+knows that format: the server's packet path asks the ring to open a cookie
+(:meth:`KeyRing.unseal`, :meth:`KeyRing.keys_in`) and for a
+:class:`CookieSealer` that seals new ones.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import AuthenticationFailure, MalformedPacket
 from .aead import Aead, AeadId, info
+
+if TYPE_CHECKING:
+    from .._accel import AesSiv
 
 MASTER_KEY_ALGORITHM = AeadId.AES_SIV_CMAC_256
 MASTER_KEY_LEN = 32
@@ -29,6 +36,8 @@ DEFAULT_KEPT_KEYS = 3  # current + 2 previous: cookies outlive two rotations
 _PREFIX = struct.Struct("!I")
 _PLAIN_HEADER = struct.Struct("!HH")
 _TAG_LEN = 16
+_HEAD = _PREFIX.size + COOKIE_NONCE_LEN  # key id, nonce: before the ciphertext
+_MIN_COOKIE = _HEAD + _PLAIN_HEADER.size + _TAG_LEN
 
 
 @dataclass(slots=True)
@@ -59,6 +68,45 @@ def cookie_length(aead_id: int) -> int:
     return _PREFIX.size + COOKIE_NONCE_LEN + _PLAIN_HEADER.size + 2 * key_len + _TAG_LEN
 
 
+class CookieSealer:
+    """Seals new cookies carrying one session's keys under one master key.
+
+    A cookie is ``prefix | nonce | master.seal(nonce, plaintext, prefix)``;
+    :attr:`compiled` hands the same recipe to the compiled response builder
+    (``ntspy._accel.NtsPlan``), which makes the same bytes. A sealer is bound
+    to the ring's current key when it was made: rebuild it when
+    :attr:`KeyRing.version` changes.
+    """
+
+    __slots__ = ("length", "master", "plaintext", "prefix")
+
+    def __init__(self, master: Aead, prefix: bytes, plaintext: bytes) -> None:
+        self.master = master
+        self.prefix = prefix
+        self.plaintext = plaintext
+        self.length = len(prefix) + COOKIE_NONCE_LEN + len(plaintext) + _TAG_LEN
+        """Bytes per cookie."""
+
+    @property
+    def compiled(self) -> tuple[AesSiv, bytes, bytes] | None:
+        """(master key, prefix, plaintext) for ``ntspy._accel.NtsPlan``, which seals
+        each cookie as ``prefix | nonce | master.seal(nonce, plaintext, ad=prefix)``;
+        None when the master key does not run on the accelerator."""
+        native = self.master.native
+        return None if native is None else (native, self.prefix, self.plaintext)
+
+    def seal(self, nonce: bytes) -> bytes:
+        """One cookie under the 16-byte ``nonce``."""
+        if len(nonce) != COOKIE_NONCE_LEN:
+            raise ValueError("cookie nonce must be 16 bytes")
+        prefix = self.prefix
+        return prefix + nonce + self.master.seal(nonce, self.plaintext, prefix)
+
+
+def _plaintext(keys: CookieKeys) -> bytes:
+    return _PLAIN_HEADER.pack(keys.aead_id, 0) + keys.c2s + keys.s2c
+
+
 class KeyRing:
     """Master keys, newest first. Only the newest seals; all of them open.
 
@@ -72,6 +120,8 @@ class KeyRing:
             raise ValueError("a key ring keeps at least one key")
         self.kept = kept
         self._ring: tuple[tuple[MasterKey, ...], dict[int, Aead]] = ((), {})
+        # what unseal uses: each key's Aead.opener(), replaced with _ring
+        self._openers: dict[bytes, Callable[[bytes, bytes, bytes], bytes | None]] = {}
         self._pending: tuple[MasterKey, ...] = ()
         self.version = 0
         """Grows with every change of the ring (caches of it compare this)."""
@@ -92,8 +142,7 @@ class KeyRing:
         waiting = tuple(k for k in pending if all(k.key_id != o.key_id for o in kept))
         aeads = {k.key_id: Aead(MASTER_KEY_ALGORITHM, k.key) for k in (*kept, *waiting)}
         self._pending = waiting
-        self._ring = (kept, aeads)
-        self.version += 1
+        self._set(kept, aeads)
 
     @property
     def pending(self) -> list[MasterKey]:
@@ -127,7 +176,15 @@ class KeyRing:
         new = {key.key_id: aead if aead is not None else Aead(MASTER_KEY_ALGORITHM, key.key)}
         new.update((k.key_id, aeads[k.key_id]) for k in (*kept[1:], *waiting))
         self._pending = waiting
-        self._ring = (kept, new)
+        self._set(kept, new)
+
+    def _set(self, kept: tuple[MasterKey, ...], aeads: dict[int, Aead]) -> None:
+        # Each attribute is replaced whole: a reader in another thread may see
+        # the openers of the ring before or after the change, either is valid.
+        self._ring = (kept, aeads)
+        # keyed by the cookie's prefix as it is on the wire: one slice per packet,
+        # which is the associated data too
+        self._openers = {_PREFIX.pack(key_id): aead.opener() for key_id, aead in aeads.items()}
         self.version += 1
 
     def _current(self) -> tuple[MasterKey, Aead]:
@@ -141,29 +198,60 @@ class KeyRing:
         keys = self._ring[0]
         return not keys or (interval > 0 and now - keys[0].created >= interval)
 
+    def sealer(self, keys: CookieKeys) -> CookieSealer:
+        """What seals cookies for ``keys`` under the current master key
+        (LookupError when the ring is empty)."""
+        current, aead = self._current()
+        return CookieSealer(aead, _PREFIX.pack(current.key_id), _plaintext(keys))
+
     def seal(self, keys: CookieKeys, nonce: bytes) -> bytes:
         """A new cookie for ``keys`` under the current master key."""
-        if len(nonce) != COOKIE_NONCE_LEN:
-            raise ValueError("cookie nonce must be 16 bytes")
-        current, aead = self._current()
-        prefix = _PREFIX.pack(current.key_id)
-        plaintext = _PLAIN_HEADER.pack(keys.aead_id, 0) + keys.c2s + keys.s2c
-        return prefix + nonce + aead.seal(nonce, plaintext, prefix)
+        return self.sealer(keys).seal(nonce)
 
     def seal_many(self, keys: CookieKeys, nonces: bytes) -> list[bytes]:
         """One cookie per 16-byte nonce in ``nonces``, as :meth:`seal` makes them
         (the key lookup and the plaintext are done once for all)."""
         if not nonces or len(nonces) % COOKIE_NONCE_LEN:
             raise ValueError("cookie nonces must be 16 bytes each")
-        current, aead = self._current()
-        prefix = _PREFIX.pack(current.key_id)
-        plaintext = _PLAIN_HEADER.pack(keys.aead_id, 0) + keys.c2s + keys.s2c
-        seal = aead.seal
+        sealer = self.sealer(keys)
+        prefix, plaintext, seal = sealer.prefix, sealer.plaintext, sealer.master.seal
         out = []
         for at in range(0, len(nonces), COOKIE_NONCE_LEN):
             nonce = nonces[at : at + COOKIE_NONCE_LEN]
             out.append(prefix + nonce + seal(nonce, plaintext, prefix))
         return out
+
+    def unseal(self, cookie: bytes) -> bytes | None:
+        """What ``cookie`` seals, or None when it does not open here (too short,
+        unknown key id, does not verify).
+
+        Opaque to the caller, but equal for cookies that carry the same keys:
+        the packet path keeps what it derives from a session under it, and
+        reads the keys with :meth:`keys_in` only the first time.
+        """
+        if len(cookie) < _MIN_COOKIE:
+            return None
+        prefix = cookie[:_PREFIX.size]
+        opener = self._openers.get(prefix)
+        if opener is None:
+            return None
+        return opener(cookie[_PREFIX.size:_HEAD], cookie[_HEAD:], prefix)
+
+    @staticmethod
+    def keys_in(sealed: bytes) -> CookieKeys:
+        """The keys in what :meth:`unseal` returned; AuthenticationFailure when
+        they cannot be a session's (an AEAD we do not know, wrong lengths)."""
+        if len(sealed) < _PLAIN_HEADER.size:
+            raise AuthenticationFailure("cookie plaintext too short")
+        aead_id, _ = _PLAIN_HEADER.unpack_from(sealed, 0)
+        try:
+            key_len = info(aead_id).key_length
+        except KeyError:
+            raise AuthenticationFailure(f"cookie names unknown AEAD {aead_id}") from None
+        body = sealed[_PLAIN_HEADER.size:]
+        if len(body) != 2 * key_len:
+            raise AuthenticationFailure("cookie keys have the wrong length")
+        return CookieKeys(aead_id, body[:key_len], body[key_len:])
 
     def open(self, cookie: bytes) -> CookieKeys:
         """The keys inside ``cookie``.
@@ -172,20 +260,11 @@ class KeyRing:
         that does not verify (the server answers those with an NTS NAK), and
         :class:`MalformedPacket` for one that cannot be a cookie at all.
         """
-        head = _PREFIX.size + COOKIE_NONCE_LEN
-        if len(cookie) < head + _PLAIN_HEADER.size + _TAG_LEN:
+        if len(cookie) < _MIN_COOKIE:
             raise MalformedPacket(f"cookie too short ({len(cookie)} bytes)")
         (key_id,) = _PREFIX.unpack_from(cookie, 0)
         aead = self._ring[1].get(key_id)
         if aead is None:
             raise AuthenticationFailure(f"cookie under unknown master key {key_id:08x}")
-        plaintext = aead.open(cookie[_PREFIX.size:head], cookie[head:], cookie[:_PREFIX.size])
-        aead_id, _ = _PLAIN_HEADER.unpack_from(plaintext, 0)
-        try:
-            key_len = info(aead_id).key_length
-        except KeyError:
-            raise AuthenticationFailure(f"cookie names unknown AEAD {aead_id}") from None
-        body = plaintext[_PLAIN_HEADER.size:]
-        if len(body) != 2 * key_len:
-            raise AuthenticationFailure("cookie keys have the wrong length")
-        return CookieKeys(aead_id, body[:key_len], body[key_len:])
+        return self.keys_in(aead.open(cookie[_PREFIX.size:_HEAD], cookie[_HEAD:],
+                                      cookie[:_PREFIX.size]))

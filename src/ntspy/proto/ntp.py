@@ -29,6 +29,8 @@ EF_MIN_LEN = 16
 LEGACY_MAC_LENGTHS = (20, 24)
 
 _HEADER = struct.Struct("!BBbbII4sQQQQ")
+_NTP_EPOCH_SHIFTED = NTP_UNIX_OFFSET << 32
+_TIMESTAMP_MASK = (1 << 64) - 1
 _EF_HEADER = struct.Struct("!HH")
 
 
@@ -50,6 +52,27 @@ class Leap(enum.IntEnum):
     UNSYNCHRONIZED = 3
 
 
+# A server's response header at fixed offsets, for the packet path that packs it
+# in one call: first byte (leap, version, mode), stratum, poll, the 21 bytes from
+# precision to the reference time (RESPONSE_MIDDLE, the same in every response
+# until the server's state changes), origin (the request's transmit time, the
+# 8 bytes at REQUEST_TRANSMIT), receive and transmit timestamps.
+RESPONSE_HEADER = struct.Struct("!BBB21s8sQQ")
+RESPONSE_MIDDLE = struct.Struct("!bII4sQ")
+REQUEST_POLL = 2  # offset of a request's poll byte
+REQUEST_TRANSMIT = slice(40, 48)  # a request's transmit timestamp, as sent
+
+
+def first_byte(leap: int, version: int, mode: int) -> int:
+    """The header's first byte: leap indicator, version, mode."""
+    return (leap & 3) << 6 | (version & 7) << 3 | (mode & 7)
+
+
+#: ``first byte & VERSION_MODE_MASK`` of an NTPv4 client request.
+V4_CLIENT = 4 << 3 | 3
+VERSION_MODE_MASK = 0x3F
+
+
 KISS_NTS_NAK = b"NTSN"
 KISS_RATE = b"RATE"
 KISS_DENY = b"DENY"
@@ -62,9 +85,9 @@ KISS_RESTRICT = b"RSTR"
 
 def unix_ns_to_ntp(unix_ns: int) -> int:
     """Unix time in nanoseconds -> 64-bit NTP timestamp (era folded away)."""
-    seconds, nanos = divmod(unix_ns, NS_PER_SECOND)
-    fraction = (nanos << 32) // NS_PER_SECOND
-    return (((seconds + NTP_UNIX_OFFSET) % ERA_SECONDS) << 32) | fraction
+    # (ns << 32) // 1e9 is exactly the seconds << 32 plus the fraction (floored,
+    # negative times too); adding the epoch and folding to 64 bits folds the era.
+    return ((unix_ns << 32) // NS_PER_SECOND + _NTP_EPOCH_SHIFTED) & _TIMESTAMP_MASK
 
 
 def ntp_to_unix_ns(timestamp: int, pivot_unix_ns: int) -> int:

@@ -1,8 +1,12 @@
 """NTS extension fields in NTP packets (RFC 8915 s5).
 
 Client side: :func:`build_request` and :func:`verify_response`.
-Server side: :func:`parse_request`, :func:`authenticate_request`,
-:func:`build_response` and :func:`build_nak`.
+Server side: :func:`scan_request` (the usual layout at fixed offsets),
+:func:`parse_request` (any layout), :func:`authenticate_request`, and one
+response builder, :class:`ResponsePlan` (:func:`build_response` and
+:func:`build_nak` for callers with an :class:`NtpHeader`). The plan has a
+compiled backend (``ntspy._accel.NtsPlan``), chosen once at import, that
+makes the same bytes.
 
 Nothing here draws randomness or reads a clock: nonces, unique identifiers
 and timestamps are handed in.
@@ -15,9 +19,12 @@ import hmac
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
+from .._optional import require_compiled
 from ..errors import AuthenticationFailure, KissOfDeath, MalformedPacket, NtsNakReceived
 from .aead import Aead
+from .cookies import COOKIE_NONCE_LEN, CookieSealer
 from .ntp import (
     EF_HEADER_LEN,
     HEADER_LEN,
@@ -35,6 +42,17 @@ MIN_UNIQUE_ID_LEN = 32
 MIN_PADDED_NONCE_LEN = 16
 MAX_COOKIES_PER_RESPONSE = 8
 _AUTH_HEADER = struct.Struct("!HH")
+_EF_HEADER = struct.Struct("!HH")
+_TAG_LEN = 16  # every AEAD in the registry we implement has a 16-byte tag
+
+try:
+    require_compiled()
+    from .._accel import NtsPlan as _NtsPlan
+except ImportError:  # not built, or NTSPY_NO_ACCEL
+    _NtsPlan = None  # type: ignore[assignment,misc]
+
+#: Whether :class:`ResponsePlan` can build on the compiled backend in this process.
+COMPILED_BUILDER = _NtsPlan is not None
 
 
 class EfType(enum.IntEnum):
@@ -249,24 +267,216 @@ def count_encrypted_placeholders(plaintext: bytes, cookie_len: int) -> int:
 
 
 def response_length(uid_len: int, cookie_count: int, cookie_len: int, nonce_len: int) -> int:
-    """Size in bytes of what :func:`build_response` produces for these sizes."""
-    tag = 16  # every AEAD in the registry we implement has a 16-byte tag
+    """Size in bytes of the response :class:`ResponsePlan` (or :func:`build_response`)
+    makes for these sizes."""
     plain = cookie_count * max(16, _pad4(EF_HEADER_LEN + cookie_len))
-    auth_body = 4 + max(MIN_PADDED_NONCE_LEN, _pad4(nonce_len)) + _pad4(plain + tag)
+    auth_body = 4 + max(MIN_PADDED_NONCE_LEN, _pad4(nonce_len)) + _pad4(plain + _TAG_LEN)
     uid = max(16, _pad4(EF_HEADER_LEN + uid_len))
     return HEADER_LEN + uid + max(16, EF_HEADER_LEN + auth_body)
 
 
-def response_cookie_count(request: NtsRequest, request_len: int, cookie_len: int,
-                          nonce_len: int) -> int:
+@lru_cache(maxsize=4096)
+def cookies_that_fit(placeholders: int, uid_len: int, cookie_len: int, nonce_len: int,
+                     request_len: int) -> int:
     """How many new cookies to send: one per cookie and placeholder, capped at
     eight, and fewer if needed so that the response is never larger than the
     request (no amplification, RFC 8915 s5.7)."""
-    count = min(1 + request.placeholders, MAX_COOKIES_PER_RESPONSE)
-    uid_len = len(request.unique_id)
+    count = min(1 + placeholders, MAX_COOKIES_PER_RESPONSE)
     while count > 0 and response_length(uid_len, count, cookie_len, nonce_len) > request_len:
         count -= 1
     return count
+
+
+def response_cookie_count(request: NtsRequest, request_len: int, cookie_len: int,
+                          nonce_len: int) -> int:
+    """:func:`cookies_that_fit` for a parsed request."""
+    return cookies_that_fit(request.placeholders, len(request.unique_id), cookie_len, nonce_len,
+                            request_len)
+
+
+# ---------------------------------------------------------------------------
+# Server side, the usual layout: scanned at fixed offsets, answered by a plan
+
+RequestLayout = tuple[int, int, int, int, int, int, int, int, int]
+"""Offsets of a request in the usual layout (:func:`scan_request`), in order:
+cookie body start and end, placeholder count, end of the unique identifier EF,
+authenticator EF start, nonce start and end, ciphertext start and end."""
+
+_UID, _COOKIE = EfType.UNIQUE_IDENTIFIER, EfType.NTS_COOKIE
+_PLACEHOLDER, _AUTHENTICATOR = EfType.NTS_COOKIE_PLACEHOLDER, EfType.NTS_AUTHENTICATOR
+_MIN_UID_EF = EF_HEADER_LEN + MIN_UNIQUE_ID_LEN
+# Shorter authenticators (20 or 24 bytes would even pass for a legacy MAC) are
+# left to the general parser.
+_MIN_AUTH_EF = 28
+
+
+def scan_request(data: bytes) -> RequestLayout | None:
+    """Where the NTS parts are in a request laid out as clients lay it out:
+    header, unique id, cookie, placeholders the size of the cookie, and an
+    authenticator ending the packet whose encrypted part holds only the tag.
+
+    None for any other layout, a broken one too: :func:`parse_request` decides
+    what that is. Every request this accepts parses the same way there (RFC
+    8915 s5.7's checks hold: one unique id of at least 32 bytes, one cookie,
+    placeholders its size, the authenticator last).
+    """
+    n = len(data)
+    unpack = _EF_HEADER.unpack_from
+    if n < HEADER_LEN + _MIN_UID_EF + 16 + _MIN_AUTH_EF:
+        return None
+    ef_type, length = unpack(data, HEADER_LEN)
+    if ef_type != _UID or length < _MIN_UID_EF or length & 3:
+        return None
+    uid_end = pos = HEADER_LEN + length
+    if pos + 4 > n:
+        return None
+    ef_type, length = unpack(data, pos)
+    if ef_type != _COOKIE or length < 16 or length & 3:
+        return None
+    cookie_len = length
+    pos += length
+    cookie_end = pos
+    placeholders = 0
+    while True:
+        if pos + 4 > n:
+            return None
+        ef_type, length = unpack(data, pos)
+        if ef_type != _PLACEHOLDER or length != cookie_len:
+            break
+        placeholders += 1
+        pos += length
+    if ef_type != _AUTHENTICATOR or pos + length != n or length < _MIN_AUTH_EF or length & 3:
+        return None
+    nonce_len, ct_len = unpack(data, pos + 4)
+    nonce_start = pos + 8
+    ct_start = nonce_start + _pad4(nonce_len)
+    if nonce_len == 0 or ct_len != _TAG_LEN or ct_start + _pad4(ct_len) > n:
+        # An encrypted part that holds more than the tag carries fields (maybe
+        # Cookie Placeholders, which count): parse_request reads them.
+        return None
+    return (uid_end + 4, cookie_end, placeholders, uid_end, pos, nonce_start,
+            nonce_start + nonce_len, ct_start, ct_start + ct_len)
+
+
+class ResponsePlan:
+    """How to answer one session's requests: the response builder.
+
+    Made once per session (the keys a cookie carries) and master key, from the
+    session's AEADs and the :class:`~ntspy.proto.cookies.CookieSealer` of its
+    new cookies. Every length and padding of a response is cut once, here,
+    out of what :func:`encode_ef` and :func:`encode_authenticator` make, and
+    handed whole to the compiled backend (``ntspy._accel.NtsPlan``) when the
+    keys run there; per packet only the header, the unique identifier field,
+    the cookie count and the random bytes change. Both backends make the same
+    bytes (tests/unit/test_backends.py).
+    """
+
+    __slots__ = ("_auth_heads", "_cookie_field", "_cookie_head", "_cookie_pad", "_fixed_len",
+                 "_native", "_nonce_pad", "_tails", "c2s", "cookie_len", "nonce_len",
+                 "random_len", "s2c", "sealer")
+
+    def __init__(self, c2s: Aead, s2c: Aead, sealer: CookieSealer) -> None:
+        if c2s.aead_id != s2c.aead_id:
+            raise ValueError("C2S and S2C keys of different AEADs")
+        self.c2s, self.s2c, self.sealer = c2s, s2c, sealer
+        nonce_len = self.nonce_len = s2c.nonce_length
+        cookie_len = self.cookie_len = sealer.length
+        field = encode_ef(EfType.NTS_COOKIE, bytes(cookie_len))
+        self._cookie_head = field[:EF_HEADER_LEN]
+        self._cookie_pad = field[EF_HEADER_LEN + cookie_len:]
+        self._nonce_pad = bytes(_pad4(nonce_len) - nonce_len)
+        self.random_len: tuple[int, ...] = tuple(
+            COOKIE_NONCE_LEN * count + nonce_len for count in range(MAX_COOKIES_PER_RESPONSE + 1)
+        )
+        """Random bytes :meth:`seal` takes, by cookie count."""
+        heads, tails = [], []
+        for count in range(MAX_COOKIES_PER_RESPONSE + 1):
+            ct_len = _TAG_LEN + count * len(field)
+            auth = encode_authenticator(bytes(nonce_len), bytes(ct_len))
+            heads.append(auth[:8])
+            tails.append(auth[8 + _pad4(nonce_len) + ct_len:])
+        # A response is _fixed_len + the unique id field + _cookie_field per cookie
+        # (cookie fields are multiples of 4, so no padding moves with the count).
+        self._cookie_field = len(field)
+        self._fixed_len = HEADER_LEN + len(heads[0]) + _pad4(nonce_len) + len(tails[0]) + _TAG_LEN
+        self._auth_heads: tuple[bytes, ...] = tuple(heads)
+        self._tails: tuple[bytes, ...] = tuple(tails)
+        self._native: _NtsPlan | None = None
+        c2s_native, s2c_native, cookies = c2s.native, s2c.native, sealer.compiled
+        if (_NtsPlan is not None and c2s_native is not None and s2c_native is not None
+                and cookies is not None):
+            master, prefix, plaintext = cookies
+            self._native = _NtsPlan(
+                c2s_native, s2c_native, master, self._cookie_head, prefix, plaintext,
+                len(self._cookie_pad), nonce_len, len(self._nonce_pad), self._auth_heads,
+                tuple(len(t) for t in tails),
+            )
+
+    @property
+    def compiled(self) -> bool:
+        """Whether this plan builds on ``ntspy._accel``."""
+        return self._native is not None
+
+    def cookie_count(self, placeholders: int, unique_id_field_len: int, request_len: int) -> int:
+        """New cookies for a request with ``placeholders`` and a unique identifier
+        field this long (EF header and padding included): :func:`cookies_that_fit`'s
+        answer, in closed form."""
+        count = placeholders + 1 if placeholders < MAX_COOKIES_PER_RESPONSE else \
+            MAX_COOKIES_PER_RESPONSE
+        fit = (request_len - self._fixed_len - unique_id_field_len) // self._cookie_field
+        if fit < count:  # no builtin min/max: this runs per packet
+            count = fit if fit > 0 else 0
+        return count
+
+    def seal(self, header: bytes, unique_id_field: bytes, count: int, random: bytes,
+             limit: int) -> bytes:
+        """The response: ``header`` (48 bytes), ``unique_id_field`` (the unique
+        identifier EF as it goes out), the authenticator sealing ``count`` new
+        cookies. ``random``: 16 bytes per cookie nonce, then the nonce.
+        ValueError if it would be longer than ``limit`` (its request's length)."""
+        native = self._native
+        if native is not None:
+            return native.seal(header, unique_id_field, count, random, limit)
+        return self._seal(header, unique_id_field, count, random, limit)
+
+    def answer(self, request: bytes, layout: RequestLayout, header: bytes, count: int,
+               random: bytes) -> bytes | None:
+        """The response to a request :func:`scan_request` laid out (as :meth:`seal`
+        makes it, with the request's unique id field), or None when its
+        authenticator does not verify under the C2S key."""
+        _, _, _, uid_end, auth_at, nonce_start, nonce_end, ct_start, ct_end = layout
+        native = self._native
+        if native is not None:
+            return native.answer(request, header, count, random, uid_end, auth_at,
+                                 nonce_start, nonce_end, ct_start, ct_end)
+        try:
+            self.c2s.open(request[nonce_start:nonce_end], request[ct_start:ct_end],
+                          request[:auth_at])
+        except AuthenticationFailure:
+            return None
+        return self._seal(header, request[HEADER_LEN:uid_end], count, random, len(request))
+
+    def _seal(self, header: bytes, unique_id_field: bytes, count: int, random: bytes,
+              limit: int) -> bytes:
+        if len(header) != HEADER_LEN:
+            raise ValueError("header has a wrong length")
+        if not 0 <= count <= MAX_COOKIES_PER_RESPONSE:
+            raise ValueError("count out of range")
+        cut = COOKIE_NONCE_LEN * count
+        if len(random) != cut + self.nonce_len:
+            raise ValueError("random must hold 16 bytes per cookie and the nonce")
+        seal, head, pad = self.sealer.seal, self._cookie_head, self._cookie_pad
+        plaintext = b"".join([head + seal(random[at:at + COOKIE_NONCE_LEN]) + pad
+                              for at in range(0, cut, COOKIE_NONCE_LEN)])
+        nonce = random[cut:]
+        packet = header + unique_id_field
+        out = (packet + self._auth_heads[count] + nonce + self._nonce_pad
+               + self.s2c.seal(nonce, plaintext, packet) + self._tails[count])
+        if len(out) > limit:
+            # count is sized so that this never happens: a response longer
+            # than its request would make the server an amplifier
+            raise ValueError("the response would be longer than the request")
+        return out
 
 
 def build_response(
@@ -276,14 +486,23 @@ def build_response(
     s2c: Aead,
     nonce: bytes,
 ) -> bytes:
-    """An authenticated response: unique id echoed, new cookies encrypted."""
+    """An authenticated response with cookies sealed already: unique id
+    echoed, the cookies encrypted (what :class:`ResponsePlan` makes, for
+    callers that have an :class:`NtpHeader` and no key ring, e.g. tests)."""
     packet = header.pack() + encode_ef(EfType.UNIQUE_IDENTIFIER, unique_id)
     plaintext = b"".join(encode_ef(EfType.NTS_COOKIE, c) for c in cookies)
     return packet + encode_authenticator(nonce, s2c.seal(nonce, plaintext, packet))
+
+
+def nak_packet(header: bytes, unique_id_field: bytes) -> bytes:
+    """An NTS NAK (RFC 8915 s5.7): ``header`` (48 bytes, kiss code NTSN, made
+    by the caller) and the request's unique identifier field, nothing
+    authenticated."""
+    return header + unique_id_field
 
 
 def build_nak(header: NtpHeader, unique_id: bytes) -> bytes:
     """An NTS NAK: kiss code NTSN, unique id echoed, nothing authenticated."""
     header.stratum = 0
     header.reference_id = KISS_NTS_NAK
-    return header.pack() + encode_ef(EfType.UNIQUE_IDENTIFIER, unique_id)
+    return nak_packet(header.pack(), encode_ef(EfType.UNIQUE_IDENTIFIER, unique_id))

@@ -2,33 +2,49 @@
 
 Sans-I/O: the adapter hands in the datagram, the client address, the kernel
 receive time, a function returning the time to put in the transmit
-timestamp (called as late as possible, just before the response is sealed)
-and a source of random bytes. Every packet that gets no answer is counted
-under the reason it was dropped.
+timestamp (called once, just before the response is built) and a source of
+random bytes.
+
+The responder only decides: whether the client may be answered (access
+rules), how the rate limit treats it, whether an NTS request gets its answer
+or a NAK, and the values in the response's header. What a request holds and
+how an answer is laid out and sealed is ``proto/``'s: :func:`nts.scan_request`
+and :func:`nts.parse_request` read a request, :class:`nts.ResponsePlan`
+builds every NTS answer, and the key ring (``proto/cookies.py``) opens
+cookies and seals new ones. Each packet's fate is a :class:`Reason`
+(``Responder.reason`` after :meth:`Responder.handle`), and each reason moves
+a fixed set of counters (:data:`REASON_COUNTERS`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import os
-import struct
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from ..errors import AuthenticationFailure, MalformedPacket
 from ..proto import nts
-from ..proto.aead import ACCELERATED, AEADS, Aead, info
-from ..proto.cookies import COOKIE_NONCE_LEN, MASTER_KEY_ALGORITHM, KeyRing, cookie_length
+from ..proto.aead import Aead
+from ..proto.cookies import KeyRing
 from ..proto.ntp import (
-    EF_HEADER_LEN,
     HEADER_LEN,
     KISS_NTS_NAK,
     KISS_RATE,
     NS_PER_SECOND,
     NTP_UNIX_OFFSET,
+    REQUEST_POLL,
+    REQUEST_TRANSMIT,
+    RESPONSE_HEADER,
+    RESPONSE_MIDDLE,
+    V4_CLIENT,
+    VERSION_MODE_MASK,
     Mode,
     NtpHeader,
     SyncState,
+    encode_ef,
+    first_byte,
     iter_efs,
     seconds_to_short,
     unix_ns_to_ntp,
@@ -38,104 +54,63 @@ from .clientlog import ClientLog
 from .ratelimit import RateLimiter, Verdict
 from .stats import ServerStats, counter_index
 
-if ACCELERATED:  # the response body in one compiled call (see _nts_fast)
-    from .._accel import nts_reply as _nts_reply
-else:
-    _nts_reply = None  # type: ignore[assignment]
+PLAN_CACHE_SIZE = 4096
+"""Response plans kept (one per session seen lately); the cache is emptied when full."""
 
-AEAD_CACHE_SIZE = 4096
 
-# --- fast path constants ------------------------------------------------------
-# A response header is the request's poll and transmit time between bytes that
-# depend only on the server state: first byte, stratum, poll, the 21 bytes from
-# precision to reference time (_MID), origin, receive, transmit.
-_MID = struct.Struct("!bII4sQ")
-_REPLY = struct.Struct("!BBB21s8sQQ")
-_EF = struct.Struct("!HH")
-_AUTH = _EF  # nonce length, ciphertext length at the start of the authenticator body
-_AUTH_HEAD = struct.Struct("!HHHH")  # authenticator EF type, length; nonce, ciphertext lengths
-_KEY_ID = struct.Struct("!I")
-_REPLY_HEAD = struct.Struct("!BBB21s8sQ")  # _REPLY up to the transmit timestamp
-_TX = struct.Struct("!Q")
-_COOKIE_PLAIN = struct.Struct("!HH")
-_V4_CLIENT = 4 << 3 | Mode.CLIENT  # version and mode bits of an NTPv4 client request
-# KeyRing cookie layout: key id (4) | nonce (16) | ciphertext (>= 4 + 16 tag).
-_COOKIE_HEAD = 4 + COOKIE_NONCE_LEN
-_COOKIE_MIN = _COOKIE_HEAD + 4 + 16
-_UID, _COOKIE = nts.EfType.UNIQUE_IDENTIFIER, nts.EfType.NTS_COOKIE
-_PLACEHOLDER, _AUTHENTICATOR = nts.EfType.NTS_COOKIE_PLACEHOLDER, nts.EfType.NTS_AUTHENTICATOR
-_MIN_UID_EF = EF_HEADER_LEN + nts.MIN_UNIQUE_ID_LEN
-# Shorter authenticators (20 or 24 bytes would even pass for a legacy MAC) are
-# left to the general parser.
-_MIN_AUTH_EF = 28
-_TAG_LEN = 16  # every AEAD we serve (AES-SIV-CMAC, AES-GCM-SIV) has a 16-byte tag
-_RECEIVED = counter_index("ntp_received")
-_DENIED = counter_index("ntp_denied")
-_DROPPED = counter_index("ntp_dropped")
-_RATE_KOD = counter_index("ntp_rate_kod")
-_AUTHENTICATED = counter_index("nts_authenticated")
-_NAKS = counter_index("nts_naks")
-_AUTH_FAILURES = counter_index("nts_auth_failures")
-_DAEMON_TX = counter_index("daemon_tx")
+class Reason(enum.IntEnum):
+    """What became of one request: answered how, or why not (as ntpd-rs's
+    ServerReason x ServerResponse, flattened). Each moves the counters
+    :data:`REASON_COUNTERS` lists."""
+
+    ANSWERED = 0
+    """Plain NTP, answered with the time."""
+    RATE_KOD = 1
+    """Plain NTP over the rate limit, answered with a RATE kiss-o'-death."""
+    NTS_ANSWERED = 2
+    """NTS, authenticated and answered with the time and new cookies."""
+    NTS_RATE_KOD = 3
+    """NTS over the rate limit, authenticated: an authenticated RATE kiss with cookies."""
+    NAK = 4
+    """NTS whose cookie or authenticator failed: an NTS NAK (RFC 8915 s5.7)."""
+    RATE_NAK = 5
+    """The same, over the rate limit."""
+    DENIED = 6
+    """Not allowed by the access rules: dropped."""
+    RATE_DROP = 7
+    """Over the rate limit: dropped."""
+    MALFORMED = 8
+    """Not an NTP client request we can read: dropped."""
+
+
+def _indices(*names: str) -> tuple[int, ...]:
+    return tuple(counter_index(name) for name in names)
+
+
+REASON_COUNTERS: dict[Reason, tuple[str, ...]] = {
+    Reason.ANSWERED: ("ntp_received", "daemon_tx"),
+    Reason.RATE_KOD: ("ntp_received", "ntp_rate_kod", "daemon_tx"),
+    Reason.NTS_ANSWERED: ("ntp_received", "nts_authenticated", "daemon_tx"),
+    Reason.NTS_RATE_KOD: ("ntp_received", "ntp_rate_kod", "nts_authenticated", "daemon_tx"),
+    Reason.NAK: ("ntp_received", "nts_auth_failures", "nts_naks"),
+    Reason.RATE_NAK: ("ntp_received", "ntp_rate_kod", "nts_auth_failures", "nts_naks"),
+    Reason.DENIED: ("ntp_denied",),
+    Reason.RATE_DROP: ("ntp_dropped",),
+    Reason.MALFORMED: ("ntp_malformed",),
+}
+"""The counters (server/stats.py) each reason adds one to; an answered NTS
+request also adds its new cookies to ``nts_cookies``."""
+
+_COUNTS = tuple(_indices(*REASON_COUNTERS[reason]) for reason in Reason)
 _NTS_COOKIES = counter_index("nts_cookies")
+# the hot path's reasons, looked up once
+_ANSWERED, _RATE_KOD, _NTS_ANSWERED, _NTS_RATE_KOD, _NAK, _RATE_NAK = (
+    Reason.ANSWERED, Reason.RATE_KOD, Reason.NTS_ANSWERED, Reason.NTS_RATE_KOD, Reason.NAK,
+    Reason.RATE_NAK,
+)
 
-# Offsets of one NTS request in the usual layout: end of the unique id EF,
-# cookie body start and end, placeholder count, authenticator EF start, nonce
-# end, ciphertext start and end.
-_Layout = tuple[int, int, int, int, int, int, int, int]
-
-
-def _pad4(n: int) -> int:
-    return (n + 3) & ~3
-
-
-def _ef_len(body_len: int) -> int:
-    # what encode_ef makes of a body this long
-    return max(16, _pad4(EF_HEADER_LEN + body_len))
-
-
-def _parse_nts(data: bytes, n: int) -> _Layout | None:
-    """Offsets of an NTPv4 request laid out as header, unique id, cookie,
-    placeholders the size of the cookie, authenticator ending the packet.
-
-    None for any other layout, also a broken one: the general parser decides
-    what that is. Every request this accepts parses the same way there.
-    """
-    unpack = _EF.unpack_from
-    if n < HEADER_LEN + _MIN_UID_EF + 16 + _MIN_AUTH_EF:
-        return None
-    ef_type, length = unpack(data, HEADER_LEN)
-    if ef_type != _UID or length < _MIN_UID_EF or length & 3:
-        return None
-    uid_end = pos = HEADER_LEN + length
-    if pos + 4 > n:
-        return None
-    ef_type, length = unpack(data, pos)
-    if ef_type != _COOKIE or length < 16 or length & 3:
-        return None
-    cookie_len = length
-    pos += length
-    cookie_end = pos
-    placeholders = 0
-    while True:
-        if pos + 4 > n:
-            return None
-        ef_type, length = unpack(data, pos)
-        if ef_type != _PLACEHOLDER or length != cookie_len:
-            break
-        placeholders += 1
-        pos += length
-    if ef_type != _AUTHENTICATOR or pos + length != n or length < _MIN_AUTH_EF or length & 3:
-        return None
-    nonce_len, ct_len = unpack(data, pos + 4)
-    nonce_end = pos + 8 + nonce_len
-    ct_start = pos + 8 + _pad4(nonce_len)
-    if nonce_len == 0 or ct_len != _TAG_LEN or ct_start + _pad4(ct_len) > n:
-        # An encrypted part that holds more than the tag carries fields (maybe
-        # Cookie Placeholders, which count): the general path reads them.
-        return None
-    return (uid_end, uid_end + 4, cookie_end, placeholders, pos, nonce_end, ct_start,
-            ct_start + ct_len)
+_REPLY_PACK = RESPONSE_HEADER.pack
+_POLL, _ORIGIN = REQUEST_POLL, REQUEST_TRANSMIT
 
 
 class RandomPool:
@@ -165,6 +140,12 @@ class RandomPool:
         self._buf, self._pos = b"", 0
 
     def __call__(self, n: int) -> bytes:
+        """``n`` random bytes."""
+        return self.take(n)
+
+    def take(self, n: int) -> bytes:
+        """``n`` random bytes (what calling the pool does, without the call slot:
+        the responder calls this one per packet)."""
         pos = self._pos
         end = pos + n
         if end > len(self._buf):
@@ -175,57 +156,21 @@ class RandomPool:
         return self._buf[pos:end]
 
 
-class AeadCache:
-    """Aead objects per session key: a client's keys repeat in all its requests.
-
-    A plain dict, emptied when it fills up: cheaper on a hit than an LRU, and a
-    client whose entry was dropped costs one key schedule on its next request.
-    """
-
-    def __init__(self, size: int = AEAD_CACHE_SIZE) -> None:
-        self.size = size
-        self._items: dict[tuple[int, bytes], Aead] = {}
-
-    def get(self, aead_id: int, key: bytes) -> Aead:
-        k = (aead_id, key)
-        aead = self._items.get(k)
-        if aead is None:
-            if len(self._items) >= self.size:
-                self._items.clear()
-            aead = Aead(aead_id, key)
-            self._items[k] = aead
-        return aead
-
-
-@dataclass(slots=True)
-class _Session:
-    """What the fast path needs per cookie plaintext (AEAD id | 0 | C2S | S2C)."""
-
-    c2s: Aead
-    s2c: Aead
-    nonce_len: int
-    cookie_len: int  # of the cookies we issue for this AEAD
-    sealable: bytes  # the plaintext of a new cookie carrying the same keys
-    cookie_head: bytes  # cookie EF header and our current key id
-    cookie_pad: bytes  # zeros ending the cookie EF
-    nonce_pad: bytes  # zeros after the nonce in the authenticator
-    auth_extra: bytes  # zeros that make nonce + padding at least 16 bytes
-    auth_fixed: int  # authenticator EF length without the ciphertext
-    # what ntspy._accel.nts_reply needs of this session (None: no accelerator)
-    packed: tuple[object, ...] | None = None
+_NTP_EPOCH = NTP_UNIX_OFFSET << 32
+_TS_MASK = (1 << 64) - 1
 
 
 def _ntp_ts(unix_ns: int) -> int:
-    # unix_ns_to_ntp, inlined where it runs twice per packet.
-    seconds, nanos = divmod(unix_ns, NS_PER_SECOND)
-    return (((seconds + NTP_UNIX_OFFSET) & 0xFFFFFFFF) << 32) | ((nanos << 32) // NS_PER_SECOND)
+    # unix_ns_to_ntp's expression, inlined in handle where it runs twice per packet
+    return ((unix_ns << 32) // NS_PER_SECOND + _NTP_EPOCH) & _TS_MASK
 
 
 class Responder:
     """Answers NTP and NTS requests (see the module docstring).
 
-    ``fastpath=False`` runs every packet through the general parser; the fast
-    path exists only for speed and answers byte for byte the same (tested).
+    ``fastpath=False`` reads every request with :func:`nts.parse_request`
+    instead of trying :func:`nts.scan_request` first; the scan exists only
+    for speed and leads to the same decisions and bytes (tested).
     """
 
     def __init__(
@@ -249,13 +194,10 @@ class Responder:
         self.fastpath = fastpath
         self.clients = clients
         self.state = SyncState()
-        self._aeads = AeadCache()
-        self._sessions: dict[bytes, _Session] = {}
-        self._counts: dict[tuple[int, int, int, int, int], int] = {}
+        self.reason: Reason | None = None
+        """What became of the last request :meth:`handle` was given."""
+        self._plans: dict[bytes, nts.ResponsePlan] = {}
         self._ring_version = -1
-        self._masters: dict[int, Aead] = {}
-        self._seal_key_id = 0
-        self._seal_prefix = b""
 
     # The per-server header bytes only change when the state is replaced, so
     # they are packed here, not per packet. SyncState is frozen: replace it.
@@ -268,11 +210,25 @@ class Responder:
     def state(self, state: SyncState) -> None:
         self._state = state
         rd, rdisp = seconds_to_short(state.root_delay), seconds_to_short(state.root_dispersion)
-        self._first = state.leap << 6 | Mode.SERVER
-        self._stratum = state.stratum
-        self._mid = _MID.pack(state.precision, rd, rdisp, state.reference_id, state.reference_ts)
-        self._mid_rate = _MID.pack(state.precision, rd, rdisp, KISS_RATE, state.reference_ts)
-        self._mid_nak = _MID.pack(state.precision, rd, rdisp, KISS_NTS_NAK, state.reference_ts)
+        # (first byte, stratum, the bytes from precision to the reference time):
+        # the header's parts that do not depend on the request (an NTPv4 one)
+        first = first_byte(state.leap, 4, Mode.SERVER)
+        pack = RESPONSE_MIDDLE.pack
+        self._head = (first, state.stratum,
+                      pack(state.precision, rd, rdisp, state.reference_id, state.reference_ts))
+        self._head_rate = (first, 0, pack(state.precision, rd, rdisp, KISS_RATE,
+                                          state.reference_ts))
+        self._mid_nak = pack(state.precision, rd, rdisp, KISS_NTS_NAK, state.reference_ts)
+
+    @property
+    def random_bytes(self) -> Callable[[int], bytes]:
+        """Where the nonces come from: ``random_bytes(n)`` is n random bytes."""
+        return self._random_bytes
+
+    @random_bytes.setter
+    def random_bytes(self, random_bytes: Callable[[int], bytes]) -> None:
+        self._random_bytes = random_bytes
+        self._draw = random_bytes.take if isinstance(random_bytes, RandomPool) else random_bytes
 
     @property
     def clients(self) -> ClientLog | None:
@@ -296,6 +252,15 @@ class Responder:
         self._stats = stats
         self._view = stats.view
         self._base = stats.base
+        # each reason's counters as indices into the view (inlined _record)
+        self._rows = tuple(tuple(stats.base + i for i in row) for row in _COUNTS)
+
+    def _record(self, reason: Reason) -> None:
+        """Note the packet's fate and move its counters."""
+        self.reason = reason
+        view = self._view
+        for index in self._rows[reason]:
+            view[index] += 1
 
     def handle(
         self, data: bytes, address: str, rx_ns: int, tx_clock: Callable[[], int]
@@ -303,35 +268,31 @@ class Responder:
         """The answer to one datagram from ``address``, or None (counted) for no answer.
 
         ``rx_ns`` is the receive time (Unix ns); ``tx_clock()`` is read once,
-        just before the response is sealed, for its transmit timestamp.
+        just before the response is built, for its transmit timestamp.
         """
         n = len(data)
         # The usual requests: NTPv4 client mode, either a bare header or the NTS
-        # layout a client sends (unique id, cookie, placeholders, authenticator).
-        # Anything else goes to the general path before any side effect.
-        if not self.fastpath or n < HEADER_LEN or data[0] & 0x3F != _V4_CLIENT:
+        # layout a client sends. Anything else is read by the general parser,
+        # before any side effect.
+        if not self.fastpath or n < HEADER_LEN or data[0] & VERSION_MODE_MASK != V4_CLIENT:
             return self._handle_general(data, address, rx_ns, tx_clock)
-        parsed = None
+        layout = None
         if n > HEADER_LEN:
-            parsed = _parse_nts(data, n)
-            if parsed is None:
+            layout = nts.scan_request(data)
+            if layout is None:
                 return self._handle_general(data, address, rx_ns, tx_clock)
-        view, base = self._view, self._base
         if self.access is not None and not self.access.allowed(address):
-            view[base + _DENIED] += 1
+            self._record(Reason.DENIED)
             return None
         rate = False
         if self.ratelimit is not None:
             verdict = self.ratelimit.check(address, rx_ns)
             if verdict is Verdict.DROP:
-                view[base + _DROPPED] += 1
+                self._record(Reason.RATE_DROP)
                 if self._clients is not None:
                     self._clients.ntp_drop(address, rx_ns)
                 return None
-            if verdict is Verdict.LEAK:
-                rate = True
-                view[base + _RATE_KOD] += 1
-        view[base + _RECEIVED] += 1
+            rate = verdict is Verdict.LEAK
         index = self._client_index
         if index is not None:
             try:
@@ -340,211 +301,84 @@ class Responder:
                 slot = self._new_client(address, rx_ns)
             self._client_hits[slot] += 1
         # first byte: leap, version 4 (request's), mode 4; poll echoed as is.
-        first = self._first | 0x20
-        if rate:
-            stratum, mid = 0, self._mid_rate
-        else:
-            stratum, mid = self._stratum, self._mid
-        if parsed is None:
-            view[base + _DAEMON_TX] += 1
-            return _REPLY.pack(
-                first, stratum, data[2], mid, data[40:48], _ntp_ts(rx_ns), _ntp_ts(tx_clock())
-            )
-        return self._nts_fast(data, parsed, first, stratum, mid, rx_ns, tx_clock)
+        first, stratum, mid = self._head_rate if rate else self._head
+        rx = ((rx_ns << 32) // NS_PER_SECOND + _NTP_EPOCH) & _TS_MASK  # _ntp_ts, inlined
+        view = self._view
+        if layout is None:
+            self.reason = reason = _RATE_KOD if rate else _ANSWERED
+            for i in self._rows[reason]:  # _record, inlined
+                view[i] += 1
+            return _REPLY_PACK(first, stratum, data[_POLL], mid, data[_ORIGIN], rx,
+                               ((tx_clock() << 32) // NS_PER_SECOND + _NTP_EPOCH) & _TS_MASK)
+        # NTS: the cookie's plan answers, or the request gets a NAK.
+        plan = self._plan(data[layout[0]:layout[1]])
+        if plan is not None:
+            count = plan.cookie_count(layout[2], layout[3] - HEADER_LEN, n)
+            rand = self._draw(plan.random_len[count])
+            header = _REPLY_PACK(first, stratum, data[_POLL], mid, data[_ORIGIN], rx,
+                                 _ntp_ts(tx_clock()))
+            reply = plan.answer(data, layout, header, count, rand)
+            if reply is not None:
+                self.reason = reason = _NTS_RATE_KOD if rate else _NTS_ANSWERED
+                for i in self._rows[reason]:
+                    view[i] += 1
+                view[self._base + _NTS_COOKIES] += count
+                return reply
+        # RFC 8915 s5.7: a cookie we cannot use, or a request that does not
+        # authenticate, gets a NAK so the client knows to redo NTS-KE.
+        self._record(_RATE_NAK if rate else _NAK)
+        header = _REPLY_PACK(first, 0, data[_POLL], self._mid_nak, data[_ORIGIN], rx,
+                             _ntp_ts(tx_clock()))
+        return nts.nak_packet(header, data[HEADER_LEN:layout[3]])
 
     def _new_client(self, address: str, rx_ns: int) -> int:
         clients = self._clients
         assert clients is not None
         return clients.insert(address, rx_ns)
 
-    def _masters_now(self) -> dict[int, Aead]:
-        """The ring's master keys as AEADs (a fleet's pending key too: it opens
-        cookies before it seals any), rebuilt whenever the ring changes."""
+    def _plan(self, cookie: bytes) -> nts.ResponsePlan | None:
+        """How to answer the session ``cookie`` carries, or None when the key
+        ring cannot open it (or the ring has no key to seal new cookies)."""
         ring = self.keyring
         if ring.version != self._ring_version:
-            current = ring.current
-            self._masters = {k.key_id: Aead(MASTER_KEY_ALGORITHM, k.key) for k in ring.accepted}
-            self._seal_key_id = current.key_id
-            self._seal_prefix = _KEY_ID.pack(current.key_id)
-            self._sessions.clear()
+            # new cookies go under the new current key: every plan changes
+            self._plans.clear()
             self._ring_version = ring.version
-        return self._masters
-
-    def _session(self, cookie: bytes) -> _Session | None:
-        """The keys in a cookie, or None when it does not verify (KeyRing.open's checks)."""
-        if len(cookie) < _COOKIE_MIN:
+        sealed = ring.unseal(cookie)
+        if sealed is None:
             return None
-        try:
-            masters = self._masters_now()
-        except LookupError:
-            return None
-        master = masters.get(_KEY_ID.unpack_from(cookie, 0)[0])
-        if master is None:
-            return None
-        try:
-            plain = master.open(cookie[4:_COOKIE_HEAD], cookie[_COOKIE_HEAD:], cookie[:4])
-        except AuthenticationFailure:
-            return None
-        session = self._sessions.get(plain)
-        if session is None:
-            aead_id = _COOKIE_PLAIN.unpack_from(plain, 0)[0] if len(plain) >= 4 else -1
-            meta = AEADS.get(aead_id)
-            if meta is None or len(plain) != 4 + 2 * meta.key_length:
+        plan = self._plans.get(sealed)
+        if plan is None:
+            try:
+                keys = ring.keys_in(sealed)
+                sealer = ring.sealer(keys)
+            except (AuthenticationFailure, LookupError):
                 return None
-            key_len = meta.key_length
-            nonce_len = meta.nonce_length
-            new_len = cookie_length(aead_id)
-            padded = _pad4(nonce_len)
-            extra = max(0, nts.MIN_PADDED_NONCE_LEN - padded)
-            if len(self._sessions) >= AEAD_CACHE_SIZE:
-                self._sessions.clear()
-            session = _Session(
-                self._aeads.get(aead_id, plain[4:4 + key_len]),
-                self._aeads.get(aead_id, plain[4 + key_len:]),
-                nonce_len,
-                new_len,
-                _COOKIE_PLAIN.pack(aead_id, 0) + plain[4:],
-                _EF.pack(_COOKIE, _ef_len(new_len)) + self._seal_prefix,
-                bytes(_ef_len(new_len) - EF_HEADER_LEN - new_len),
-                bytes(padded - nonce_len),
-                bytes(extra),
-                EF_HEADER_LEN + 4 + padded + extra,
-            )
-            natives = (session.c2s.native, session.s2c.native,
-                       self._masters[self._seal_key_id].native)
-            if _nts_reply is not None and None not in natives:
-                # the master key too: a ring change empties this cache
-                session.packed = (*natives, nonce_len, session.sealable, session.cookie_head,
-                                  session.cookie_pad, session.nonce_pad, session.auth_fixed,
-                                  session.auth_extra)
-            self._sessions[plain] = session
-        return session
-
-    def _nts_fast(
-        self,
-        data: bytes,
-        parsed: _Layout,
-        first: int,
-        stratum: int,
-        mid: bytes,
-        rx_ns: int,
-        tx_clock: Callable[[], int],
-    ) -> bytes:
-        uid_end, cookie_start, cookie_end, placeholders, auth_at, nonce_end, ct_start, ct_end = (
-            parsed
-        )
-        view, base = self._view, self._base
-        session = self._session(data[cookie_start:cookie_end])
-        origin = data[40:48]
-        rx = _ntp_ts(rx_ns)
-        if session is not None:
-            count = self._cookie_count(placeholders, uid_end, session, len(data))
-            nonce_len = session.nonce_len
-            rand = self.random_bytes
-            packed = session.packed
-            reply: bytes | None = None
-            if packed is not None:
-                # The bytes the code below makes, in one compiled call that also
-                # verifies the request; None when it does not verify.
-                header = _REPLY.pack(first, stratum, data[2], mid, origin, rx, _ntp_ts(tx_clock()))
-                reply = _nts_reply(data, header, parsed, packed, count,
-                                   rand(COOKIE_NONCE_LEN * count + nonce_len))
-            else:
-                try:
-                    session.c2s.open(
-                        data[auth_at + 8:nonce_end], data[ct_start:ct_end], data[:auth_at]
-                    )
-                except AuthenticationFailure:
-                    pass
-                else:
-                    reply = self._seal_reply(
-                        session, count, rand,
-                        _REPLY_HEAD.pack(first, stratum, data[2], mid, origin, rx),
-                        data[HEADER_LEN:uid_end], tx_clock,
-                    )
-            if reply is not None:
-                view[base + _AUTHENTICATED] += 1
-                view[base + _DAEMON_TX] += 1
-                view[base + _NTS_COOKIES] += count
-                return reply
-        # RFC 8915 s5.7: a cookie we cannot use, or a request that does not
-        # authenticate, gets a NAK so the client knows to redo NTS-KE.
-        view[base + _AUTH_FAILURES] += 1
-        view[base + _NAKS] += 1
-        return (
-            _REPLY.pack(first, 0, data[2], self._mid_nak, origin, rx, _ntp_ts(tx_clock()))
-            + data[HEADER_LEN:uid_end]
-        )
-
-    def _cookie_count(self, placeholders: int, uid_end: int, session: _Session, n: int) -> int:
-        """How many new cookies fit in a response no longer than the request."""
-        uid_len = uid_end - HEADER_LEN - EF_HEADER_LEN
-        key = (placeholders, uid_len, session.cookie_len, session.nonce_len, n)
-        count = self._counts.get(key)
-        if count is None:
-            count = min(1 + placeholders, nts.MAX_COOKIES_PER_RESPONSE)
-            while count > 0 and nts.response_length(
-                uid_len, count, session.cookie_len, session.nonce_len
-            ) > n:
-                count -= 1
-            if len(self._counts) >= AEAD_CACHE_SIZE:
-                self._counts.clear()
-            self._counts[key] = count
-        return count
-
-    def _seal_reply(
-        self,
-        session: _Session,
-        count: int,
-        rand: Callable[[int], bytes],
-        head: bytes,
-        unique_id: bytes,
-        tx_clock: Callable[[], int],
-    ) -> bytes:
-        """The response to a verified request: ``head`` (the header up to the
-        transmit time, read just before sealing), the ``unique_id`` field, and
-        an authenticator sealing ``count`` new cookies."""
-        seal_cookie = self._masters[self._seal_key_id].seal
-        prefix = self._seal_prefix
-        sealable = session.sealable
-        cookie_head, cookie_pad = session.cookie_head, session.cookie_pad
-        parts: list[bytes] = []
-        for _ in range(count):
-            cnonce = rand(COOKIE_NONCE_LEN)
-            parts.append(cookie_head + cnonce + seal_cookie(cnonce, sealable, prefix) + cookie_pad)
-        nonce_len = session.nonce_len
-        nonce = rand(nonce_len)
-        packet = head + _TX.pack(_ntp_ts(tx_clock())) + unique_id
-        ct = session.s2c.seal(nonce, b"".join(parts), packet)
-        ct_len = len(ct)
-        ct_pad = -ct_len & 3
-        # nts.encode_authenticator, with the per-AEAD parts worked out once per session
-        return (
-            packet
-            + _AUTH_HEAD.pack(_AUTHENTICATOR, session.auth_fixed + ct_len + ct_pad, nonce_len,
-                              ct_len)
-            + nonce + session.nonce_pad + ct + bytes(ct_pad) + session.auth_extra
-        )
+            plan = nts.ResponsePlan(Aead(keys.aead_id, keys.c2s), Aead(keys.aead_id, keys.s2c),
+                                    sealer)
+            if len(self._plans) >= PLAN_CACHE_SIZE:
+                self._plans.clear()
+            self._plans[sealed] = plan
+        return plan
 
     def _handle_general(
         self, data: bytes, address: str, rx_ns: int, tx_clock: Callable[[], int]
     ) -> bytes | None:
-        stats = self.stats
         if len(data) < HEADER_LEN:
-            stats.add("ntp_malformed")
+            self._record(Reason.MALFORMED)
             return None
         header = NtpHeader.unpack(data)
         if header.mode != Mode.CLIENT or not 1 <= header.version <= 4:
-            stats.add("ntp_malformed")
+            self._record(Reason.MALFORMED)
             return None
         if self.access is not None and not self.access.allowed(address):
-            stats.add("ntp_denied")
+            self._record(Reason.DENIED)
             return None
         verdict = Verdict.PASS
         if self.ratelimit is not None:
             verdict = self.ratelimit.check(address, rx_ns)
             if verdict is Verdict.DROP:
-                stats.add("ntp_dropped")
+                self._record(Reason.RATE_DROP)
                 if self._clients is not None:
                     self._clients.ntp_drop(address, rx_ns)
                 return None
@@ -554,19 +388,18 @@ class Responder:
             efs = list(iter_efs(data)) if header.version == 4 else []
             request = nts.parse_request(data, header, efs) if nts.is_nts_request(efs) else None
         except (MalformedPacket, AuthenticationFailure):
-            stats.add("ntp_malformed")
+            self._record(Reason.MALFORMED)
             return None
-        stats.add("ntp_received")
         if self._clients is not None:
             self._clients.ntp(address, rx_ns)
+        rate = verdict is Verdict.LEAK
         reply = self._reply_header(header, rx_ns)
-        if verdict is Verdict.LEAK:
+        if rate:
             reply.stratum, reply.reference_id = 0, KISS_RATE
-            stats.add("ntp_rate_kod")
         if request is not None:
-            return self._nts(data, request, reply, tx_clock)
+            return self._nts(data, request, reply, rate, tx_clock)
+        self._record(Reason.RATE_KOD if rate else Reason.ANSWERED)
         reply.transmit_ts = unix_ns_to_ntp(tx_clock())
-        stats.add("daemon_tx")
         return reply.pack()
 
     def _reply_header(self, request: NtpHeader, rx_ns: int) -> NtpHeader:
@@ -591,33 +424,27 @@ class Responder:
         data: bytes,
         request: nts.NtsRequest,
         reply: NtpHeader,
+        rate: bool,
         tx_clock: Callable[[], int],
-    ) -> bytes | None:
-        stats = self.stats
-        try:
-            keys = self.keyring.open(request.cookie)
-            c2s = self._aeads.get(keys.aead_id, keys.c2s)
-            plaintext = nts.authenticate_request(data, request, c2s)
-        except (AuthenticationFailure, MalformedPacket, LookupError):
+    ) -> bytes:
+        plan = self._plan(request.cookie)
+        plaintext = None
+        if plan is not None:
+            with contextlib.suppress(AuthenticationFailure):
+                plaintext = nts.authenticate_request(data, request, plan.c2s)
+        if plan is None or plaintext is None:
             # RFC 8915 s5.7: a cookie we cannot use, or a request that does not
             # authenticate, gets a NAK so the client knows to redo NTS-KE.
-            stats.add("nts_auth_failures")
-            stats.add("nts_naks")
+            self._record(Reason.RATE_NAK if rate else Reason.NAK)
             reply.transmit_ts = unix_ns_to_ntp(tx_clock())
             return nts.build_nak(reply, request.unique_id)
+        placeholders = request.placeholders
         if plaintext:
-            request.placeholders += nts.count_encrypted_placeholders(plaintext,
-                                                                     len(request.cookie))
-        s2c = self._aeads.get(keys.aead_id, keys.s2c)
-        nonce_len = info(keys.aead_id).nonce_length
-        count = nts.response_cookie_count(
-            request, len(data), cookie_length(keys.aead_id), nonce_len
-        )
-        rand = self.random_bytes
-        cookies = [self.keyring.seal(keys, rand(COOKIE_NONCE_LEN)) for _ in range(count)]
-        nonce = rand(nonce_len)
-        stats.add("nts_authenticated")
-        stats.add("daemon_tx")
-        stats.add("nts_cookies", count)
+            placeholders += nts.count_encrypted_placeholders(plaintext, len(request.cookie))
+        uid_field = encode_ef(nts.EfType.UNIQUE_IDENTIFIER, request.unique_id)
+        count = plan.cookie_count(placeholders, len(uid_field), len(data))
+        rand = self._draw(plan.random_len[count])
+        self._record(Reason.NTS_RATE_KOD if rate else Reason.NTS_ANSWERED)
+        self._view[self._base + _NTS_COOKIES] += count
         reply.transmit_ts = unix_ns_to_ntp(tx_clock())
-        return nts.build_response(reply, request.unique_id, cookies, s2c, nonce)
+        return plan.seal(reply.pack(), uid_field, count, rand, len(data))
