@@ -372,36 +372,58 @@ PyDoc_STRVAR(seal_doc,
 "AES-SIV with the associated data and then the nonce as the two components\n"
 "(RFC 8915 s5.6); returns the 16-byte SIV followed by the ciphertext.");
 
+/* The three buffer arguments of seal() and open(): nonce, text, associated
+ * data. 0 with all three held (release them with release_three), -1 with an
+ * exception set and none held. */
+static int
+three_buffers(const char *name, PyObject *const *args, Py_ssize_t nargs, Py_buffer b[3])
+{
+    Py_ssize_t i;
+
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "%s() takes 3 arguments (%zd given)", name, nargs);
+        return -1;
+    }
+    for (i = 0; i < 3; i++) {
+        if (PyObject_GetBuffer(args[i], &b[i], PyBUF_SIMPLE) < 0) {
+            while (i-- > 0)
+                PyBuffer_Release(&b[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void
+release_three(Py_buffer b[3])
+{
+    PyBuffer_Release(&b[0]);
+    PyBuffer_Release(&b[1]);
+    PyBuffer_Release(&b[2]);
+}
+
+/* NTS's two AES-SIV components: the associated data, then the nonce. */
+static void
+nts_components(Piece ads[2], const Py_buffer *nonce, const Py_buffer *ad)
+{
+    ads[0].buf = ad->buf;
+    ads[0].len = (size_t)ad->len;
+    ads[1].buf = nonce->buf;
+    ads[1].len = (size_t)nonce->len;
+}
+
 static PyObject *
 AesSiv_seal(AesSivObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_buffer nonce, pt, ad;
+    Py_buffer b[3]; /* nonce, plaintext, associated data */
     Piece ads[2];
     PyObject *result;
 
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "seal() takes 3 arguments (%zd given)", nargs);
+    if (three_buffers("seal", args, nargs, b) < 0)
         return NULL;
-    }
-    if (PyObject_GetBuffer(args[0], &nonce, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (PyObject_GetBuffer(args[1], &pt, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&nonce);
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[2], &ad, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&nonce);
-        PyBuffer_Release(&pt);
-        return NULL;
-    }
-    ads[0].buf = ad.buf;
-    ads[0].len = (size_t)ad.len;
-    ads[1].buf = nonce.buf;
-    ads[1].len = (size_t)nonce.len;
-    result = seal_pieces(self, ads, 2, &pt);
-    PyBuffer_Release(&nonce);
-    PyBuffer_Release(&pt);
-    PyBuffer_Release(&ad);
+    nts_components(ads, &b[0], &b[2]);
+    result = seal_pieces(self, ads, 2, &b[1]);
+    release_three(b);
     return result;
 }
 
@@ -413,33 +435,15 @@ PyDoc_STRVAR(open_doc,
 static PyObject *
 AesSiv_open(AesSivObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_buffer nonce, ct, ad;
+    Py_buffer b[3]; /* nonce, ciphertext, associated data */
     Piece ads[2];
     PyObject *result;
 
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "open() takes 3 arguments (%zd given)", nargs);
+    if (three_buffers("open", args, nargs, b) < 0)
         return NULL;
-    }
-    if (PyObject_GetBuffer(args[0], &nonce, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (PyObject_GetBuffer(args[1], &ct, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&nonce);
-        return NULL;
-    }
-    if (PyObject_GetBuffer(args[2], &ad, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&nonce);
-        PyBuffer_Release(&ct);
-        return NULL;
-    }
-    ads[0].buf = ad.buf;
-    ads[0].len = (size_t)ad.len;
-    ads[1].buf = nonce.buf;
-    ads[1].len = (size_t)nonce.len;
-    result = open_pieces(self, ads, 2, &ct);
-    PyBuffer_Release(&nonce);
-    PyBuffer_Release(&ct);
-    PyBuffer_Release(&ad);
+    nts_components(ads, &b[0], &b[2]);
+    result = open_pieces(self, ads, 2, &b[1]);
+    release_three(b);
     return result;
 }
 

@@ -118,6 +118,22 @@ def drop_privileges(account: pwd.struct_passwd | None, dirs: list[Path | None]) 
     log.info("running as user %s (uid %d), no capabilities", account.pw_name, account.pw_uid)
 
 
+async def _monitoring(config: Config, daemon: ServerDaemon
+                      ) -> tuple[ControlServer, MetricsServer | None]:
+    """The command socket (chronyc's protocol and ``ntspy ctl``) and the
+    ``metricsaddress`` endpoint for ``daemon``, both started; OSError (with
+    neither left open) when one cannot listen."""
+    control = ControlServer(control_path(config),
+                            {**daemon.own_clock_handlers(), **daemon.control_handlers()},
+                            udp_addresses(config))
+    await control.start()
+    try:
+        return control, start_metrics(config, daemon)
+    except OSError:
+        await control.close()
+        raise
+
+
 async def _serve(config: Config, account: pwd.struct_passwd | None = None) -> int:
     sockets = Sockets.bind(config)
     daemon = ServerDaemon(config, sockets)
@@ -125,14 +141,9 @@ async def _serve(config: Config, account: pwd.struct_passwd | None = None) -> in
     await daemon.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, daemon.reload_certificates)
-    control = ControlServer(control_path(config),
-                            {**daemon.own_clock_handlers(), **daemon.control_handlers()},
-                            udp_addresses(config))
-    await control.start()
     try:
-        metrics = start_metrics(config, daemon)
+        control, metrics = await _monitoring(config, daemon)
     except OSError:
-        await control.close()
         await daemon.stop()
         sockets.close()
         raise
@@ -266,15 +277,7 @@ async def _supervise(
     config: Config, main: ServerDaemon, children: dict[int, int], spawn: Any,
     account: pwd.struct_passwd | None = None, key_dir: Path | None = None,
 ) -> int:
-    control = ControlServer(control_path(config),
-                            {**main.own_clock_handlers(), **main.control_handlers()},
-                            udp_addresses(config))
-    await control.start()
-    try:
-        metrics = start_metrics(config, main)
-    except OSError:
-        await control.close()
-        raise
+    control, metrics = await _monitoring(config, main)
     # Workers reload the key file once a housekeeping round: a change the fleet
     # makes reaches all of them within two.
     await main.start_fleet(settle=2 * HOUSEKEEPING_INTERVAL + 0.5)

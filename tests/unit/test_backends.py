@@ -33,9 +33,9 @@ from ntspy.proto.cookies import CookieKeys, KeyRing, MasterKey
 from ntspy.proto.ntp import HEADER_LEN, NtpHeader, SyncState, unix_ns_to_ntp
 from ntspy.server.responder import Responder
 from ntspy.server.stats import StatsTable
+from tests.unit import siv_vectors as v
 from tests.unit.test_responder import NOW, RING, nts_requests
 
-h = bytes.fromhex
 SETTINGS = settings(max_examples=300, deadline=None)
 
 
@@ -66,21 +66,10 @@ REJECTED = (InvalidTag, *((accel.InvalidTag,) if accel is not None else ()))
 @pytest.mark.parametrize("impl", IMPLS)
 def test_rfc5297_vectors(impl: Callable[[bytes], Siv]) -> None:
     # A.1: deterministic, one associated-data component
-    key = h("fffefdfcfbfaf9f8f7f6f5f4f3f2f1f0f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")
-    ad = h("101112131415161718191a1b1c1d1e1f2021222324252627")
-    pt = h("112233445566778899aabbccddee")
-    ct = h("85632d07c6e8f37f950acd320a2ecc93" "40c02b9690c4dc04daef7f6afe5c")
-    assert impl(key).encrypt(pt, [ad]) == ct
-    assert impl(key).decrypt(ct, [ad]) == pt
+    assert impl(v.A1_KEY).encrypt(v.A1_PT, [v.A1_AD]) == v.A1_CT
+    assert impl(v.A1_KEY).decrypt(v.A1_CT, [v.A1_AD]) == v.A1_PT
     # A.2: two components and a nonce, which NTS always puts last
-    key = h("7f7e7d7c7b7a79787776757473727170404142434445464748494a4b4c4d4e4f")
-    ad1 = h("00112233445566778899aabbccddeeffdeaddadadeaddadaffeeddccbbaa99887766554433221100")
-    ad2 = h("102030405060708090a0")
-    nonce = h("09f911029d74e35bd84156c5635688c0")
-    pt = h("7468697320697320736f6d6520706c61696e7465787420746f20"
-           "656e6372797074207573696e67205349562d414553")
-    ct = h("7bdb6e3b432667eb06f4d14bff2fbd0f"
-           "cb900f2fddbe404326601965c889bf17dba77ceb094fa663b7a3f748ba8af829ea64ad544a272e9c485b62a3fd5c0d")
+    key, ad1, ad2, nonce, pt, ct = v.A2_KEY, v.A2_AD1, v.A2_AD2, v.A2_NONCE, v.A2_PT, v.A2_CT
     siv = impl(key)
     assert siv.encrypt(pt, [ad1, ad2, nonce]) == ct
     assert siv.decrypt(ct, [ad1, ad2, nonce]) == pt
