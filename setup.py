@@ -16,7 +16,7 @@ setup(
         Extension(
             "ntspy._accel",
             ["src/ntspy/_accel.c", "src/ntspy/_accel_siv.c", "src/ntspy/_accel_nts.c",
-             "src/ntspy/_accel_udp.c"],
+             "src/ntspy/_accel_scan.c", "src/ntspy/_accel_udp.c"],
             depends=["src/ntspy/_accel.h"],
             libraries=["crypto"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],

@@ -1,7 +1,8 @@
 /*
  * ntspy._accel: the optional compiled primitives of the NTS server's packet
  * path, one file per idea (see _accel.h): AES-SIV keyed once, the compiled
- * backend of proto/nts.py's response builder, and batched UDP I/O.
+ * backends of proto/nts.py's response builder and request scanner, and
+ * batched UDP I/O.
  *
  * The module is optional: every user falls back to pure Python when it cannot
  * be imported (or NTSPY_NO_ACCEL=1, see _optional.py), and tests check that
@@ -30,7 +31,7 @@ PyInit__accel(void)
     PyObject *m = PyModule_Create(&accel_module);
     if (m == NULL)
         return NULL;
-    if (accel_siv_init(m) < 0 || accel_nts_init(m) < 0) {
+    if (accel_siv_init(m) < 0 || accel_nts_init(m) < 0 || accel_scan_init(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -5,6 +5,8 @@
  *   _accel_siv.c   AES-SIV-CMAC keyed once (the AesSiv type, s2v, ctr_xor)
  *   _accel_nts.c   the compiled backend of proto/nts.py's response builder
  *                  (the NtsPlan type)
+ *   _accel_scan.c  the compiled backend of proto/nts.py's request scanner
+ *                  (the RequestScanner type)
  *   _accel_udp.c   recvmmsg/sendmmsg batches for net/udp.py
  *
  * Every call holds the GIL: one NTS packet costs well under a microsecond
@@ -54,6 +56,9 @@ int accel_siv_init(PyObject *module);
 
 /* _accel_nts.c */
 int accel_nts_init(PyObject *module);
+
+/* _accel_scan.c */
+int accel_scan_init(PyObject *module);
 
 /* _accel_udp.c */
 PyObject *accel_recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs);

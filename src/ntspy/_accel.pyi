@@ -1,5 +1,5 @@
 """Types of the optional compiled module ``ntspy._accel`` (``src/ntspy/_accel*.c``):
-AES-SIV, the NTS response builder's backend, batched UDP I/O."""
+AES-SIV, the NTS response builder's and request scanner's backends, batched UDP I/O."""
 
 from collections.abc import Sequence
 from typing import Any, TypeAlias
@@ -83,3 +83,20 @@ class NtsPlan:
         /,
     ) -> bytes | None:
         """seal() for a request whose authenticator verifies under C2S, else None."""
+
+class RequestScanner:
+    """The usual NTS request layout as proto/nts.py defines it (see _accel_scan.c)."""
+
+    def __init__(
+        self,
+        uid_type: int,
+        cookie_type: int,
+        placeholder_type: int,
+        auth_type: int,
+        min_uid_ef: int,
+        min_auth_ef: int,
+        tag_len: int,
+        min_packet: int,
+    ) -> None: ...
+    def scan(self, data: bytes, /) -> tuple[int, int, int, int, int, int, int, int, int] | None:
+        """proto/nts.py's scan_request(data)."""

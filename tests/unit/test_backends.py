@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ntspy import _optional
 from ntspy.errors import AuthenticationFailure
 from ntspy.proto import aead as aead_module
 from ntspy.proto import nts
@@ -286,3 +287,42 @@ def test_a_plan_makes_what_build_response_makes(
         expected = nts.build_response(header, uid, cookies, Aead(aead_id, s2c), rnd[16 * count:])
         uid_field = nts.encode_ef(nts.EfType.UNIQUE_IDENTIFIER, uid)
         assert plan.seal(header.pack(), uid_field, count, rnd, 10_000) == expected
+
+
+_EF_TYPES = st.sampled_from([0x0104, 0x0204, 0x0304, 0x0404, 0x0000, 0x0105, 0xFFFF])
+
+
+@st.composite
+def ef_chains(draw: st.DrawFn) -> bytes:
+    """A header and extension fields whose types and lengths are near the usual
+    layout's (right, off by a little, lying about the length, cut short)."""
+    out = draw(st.binary(min_size=48, max_size=48))
+    for _ in range(draw(st.integers(0, 6))):
+        ef_type = draw(_EF_TYPES)
+        body = draw(st.binary(max_size=120))
+        length = draw(st.sampled_from([len(body) + 4, len(body) + 4, len(body), 0, 2, 65535,
+                                       draw(st.integers(0, 65535))]))
+        out += ef_type.to_bytes(2, "big") + length.to_bytes(2, "big") + body
+    if draw(st.booleans()):
+        out = out[:draw(st.integers(0, len(out)))]
+    return out
+
+
+@SETTINGS
+@given(st.one_of(nts_requests().map(lambda r: r[0]), ef_chains(), st.binary(max_size=400)))
+def test_both_scanners_find_the_same_layout(data: bytes) -> None:
+    # The compiled scanner is made with proto/nts.py's numbers; it walks the
+    # same fields to the same nine offsets, or refuses the same requests.
+    assert nts.scan_request(data) == nts.scan_request_python(data)
+
+
+def test_the_compiled_scanner_is_the_one_in_use() -> None:
+    expected = accel is not None and not _optional.DISABLED
+    assert (nts.scan_request is not nts.scan_request_python) is expected
+    if accel is not None:
+        scanner = accel.RequestScanner(0x0104, 0x0204, 0x0304, 0x0404, 36, 28, 16, 128)
+        with pytest.raises(TypeError):
+            scanner.scan(bytearray(200))
+        assert scanner.scan(bytes(200)) is None
+        with pytest.raises(ValueError):
+            accel.RequestScanner(0x10000, 0, 0, 0, 0, 0, 0, 0)

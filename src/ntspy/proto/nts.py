@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import hmac
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -48,8 +48,10 @@ _TAG_LEN = 16  # every AEAD in the registry we implement has a 16-byte tag
 try:
     require_compiled()
     from .._accel import NtsPlan as _NtsPlan
+    from .._accel import RequestScanner as _RequestScanner
 except ImportError:  # not built, or NTSPY_NO_ACCEL
     _NtsPlan = None  # type: ignore[assignment,misc]
+    _RequestScanner = None  # type: ignore[assignment,misc]
 
 #: Whether :class:`ResponsePlan` can build on the compiled backend in this process.
 COMPILED_BUILDER = _NtsPlan is not None
@@ -308,9 +310,10 @@ _MIN_UID_EF = EF_HEADER_LEN + MIN_UNIQUE_ID_LEN
 # Shorter authenticators (20 or 24 bytes would even pass for a legacy MAC) are
 # left to the general parser.
 _MIN_AUTH_EF = 28
+_MIN_REQUEST = HEADER_LEN + _MIN_UID_EF + 16 + _MIN_AUTH_EF
 
 
-def scan_request(data: bytes) -> RequestLayout | None:
+def scan_request_python(data: bytes) -> RequestLayout | None:
     """Where the NTS parts are in a request laid out as clients lay it out:
     header, unique id, cookie, placeholders the size of the cookie, and an
     authenticator ending the packet whose encrypted part holds only the tag.
@@ -322,7 +325,7 @@ def scan_request(data: bytes) -> RequestLayout | None:
     """
     n = len(data)
     unpack = _EF_HEADER.unpack_from
-    if n < HEADER_LEN + _MIN_UID_EF + 16 + _MIN_AUTH_EF:
+    if n < _MIN_REQUEST:
         return None
     ef_type, length = unpack(data, HEADER_LEN)
     if ef_type != _UID or length < _MIN_UID_EF or length & 3:
@@ -357,6 +360,16 @@ def scan_request(data: bytes) -> RequestLayout | None:
     return (uid_end + 4, cookie_end, placeholders, uid_end, pos, nonce_start,
             nonce_start + nonce_len, ct_start, ct_start + ct_len)
 
+
+
+scan_request: Callable[[bytes], RequestLayout | None] = scan_request_python
+"""Where the NTS parts are in a request in the usual layout (see
+:func:`scan_request_python`): the compiled scanner, made here with this
+module's numbers, where it is built; the same offsets either way
+(tests/unit/test_backends.py)."""
+if _RequestScanner is not None:
+    scan_request = _RequestScanner(_UID, _COOKIE, _PLACEHOLDER, _AUTHENTICATOR, _MIN_UID_EF,
+                                   _MIN_AUTH_EF, _TAG_LEN, _MIN_REQUEST).scan
 
 class ResponsePlan:
     """How to answer one session's requests: the response builder.
