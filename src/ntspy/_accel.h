@@ -20,6 +20,7 @@
 #include <Python.h>
 
 #include <stddef.h>
+#include <string.h>
 
 #include <openssl/evp.h>
 
@@ -36,6 +37,15 @@ typedef struct {
     int key_len;
     int broken; /* the CBC context could not be reset: refuse to work */
 } AesSivObject;
+
+/* Zero a buffer that held key material or plaintext, in a way the compiler
+ * may not drop (glibc's explicit_bzero: a plain memset, several times faster
+ * than OPENSSL_cleanse's byte loop on the packet path's small buffers). */
+static inline void
+wipe(void *p, size_t n)
+{
+    explicit_bzero(p, n);
+}
 
 /* One associated-data component (or any byte range). */
 typedef struct {

@@ -45,7 +45,7 @@ NtsPlan_dealloc(NtsPlanObject *self)
     Py_XDECREF(self->s2c);
     Py_XDECREF(self->master);
     if (self->plain != NULL) {
-        OPENSSL_cleanse(self->plain, self->plain_len ? self->plain_len : 1);
+        wipe(self->plain, self->plain_len ? self->plain_len : 1);
         PyMem_Free(self->plain);
     }
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -214,7 +214,7 @@ build(NtsPlanObject *p, PyObject *header, const unsigned char *uid, size_t uid_l
     }
     memset(ct + ct_len, 0, p->tail[count]);
     if (cookies != NULL) {
-        OPENSSL_cleanse(cookies, cookies_len);
+        wipe(cookies, cookies_len);
         PyMem_Free(cookies);
     }
     if (!ok) {
@@ -295,8 +295,8 @@ NtsPlan_answer(NtsPlanObject *self, PyObject *const *args, Py_ssize_t nargs)
     int fine = ctr_xor(self->c2s, req + ct_start, req + ct_start + BLOCK, plen, scratch)
                && s2v(self->c2s, ads, 2, scratch, plen, v);
     int match = fine && CRYPTO_memcmp(v, req + ct_start, BLOCK) == 0;
-    OPENSSL_cleanse(scratch, plen ? plen : 1);
-    OPENSSL_cleanse(v, BLOCK);
+    wipe(scratch, plen ? plen : 1);
+    wipe(v, BLOCK);
     PyMem_Free(scratch);
     if (!fine) {
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES operation failed");

@@ -16,7 +16,9 @@
  */
 #include "_accel.h"
 
+#include <endian.h>
 #include <limits.h>
+#include <stdint.h>
 #include <string.h>
 
 #include <openssl/crypto.h>
@@ -37,13 +39,28 @@ static EVP_CIPHER *cbc_ciphers[3];
 static EVP_CIPHER *ctr_ciphers[3];
 
 /* Doubling in GF(2^128), RFC 5297 s2.3, without a branch on secret bits. */
+static uint64_t
+load_be64(const unsigned char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return be64toh(v);
+}
+
+static void
+store_be64(unsigned char *p, uint64_t v)
+{
+    v = htobe64(v);
+    memcpy(p, &v, 8);
+}
+
 static void
 dbl(unsigned char b[BLOCK])
 {
-    unsigned char carry = (unsigned char)(b[0] >> 7);
-    for (int i = 0; i < BLOCK - 1; i++)
-        b[i] = (unsigned char)((b[i] << 1) | (b[i + 1] >> 7));
-    b[BLOCK - 1] = (unsigned char)((b[BLOCK - 1] << 1) ^ ((0u - carry) & 0x87));
+    uint64_t hi = load_be64(b), lo = load_be64(b + 8);
+    uint64_t carry = hi >> 63;
+    store_be64(b, hi << 1 | lo >> 63);
+    store_be64(b + 8, lo << 1 ^ ((0 - carry) & 0x87));
 }
 
 static void
@@ -77,7 +94,7 @@ cbc_feed(AesSivObject *s, unsigned char x[BLOCK], const unsigned char *data, siz
                 blk[i] = (unsigned char)(data[i] ^ x[i] ^ s->chain[i]);
             ok = EVP_EncryptUpdate(s->mac, scratch, &outl, blk, BLOCK) && outl == BLOCK;
             used = BLOCK;
-            OPENSSL_cleanse(blk, BLOCK);
+            wipe(blk, BLOCK);
             first = 0;
             if (!ok)
                 break;
@@ -112,7 +129,7 @@ cbc_feed(AesSivObject *s, unsigned char x[BLOCK], const unsigned char *data, siz
             s->broken = 1;
     }
     if (used > 0)
-        OPENSSL_cleanse(scratch, used);
+        wipe(scratch, used);
     return ok && !s->broken;
 }
 
@@ -143,7 +160,7 @@ cmac_last(AesSivObject *s, unsigned char x[BLOCK], const unsigned char *tail,
         xor_into(blk, s->sub2, BLOCK);
     }
     ok = cbc_feed(s, x, blk, BLOCK, out);
-    OPENSSL_cleanse(blk, BLOCK);
+    wipe(blk, BLOCK);
     return ok;
 }
 
@@ -157,7 +174,7 @@ cmac(AesSivObject *s, const unsigned char *m, size_t len, unsigned char out[BLOC
 
     memset(x, 0, BLOCK);
     ok = cbc_absorb(s, x, m, len - last) && cmac_last(s, x, m + len - last, last, out);
-    OPENSSL_cleanse(x, BLOCK);
+    wipe(x, BLOCK);
     return ok;
 }
 
@@ -208,10 +225,10 @@ s2v(AesSivObject *s, const Piece *ads, Py_ssize_t n_ads, const unsigned char *p,
         ok = cmac_last(s, x, d, BLOCK, v);
     }
 done:
-    OPENSSL_cleanse(d, BLOCK);
-    OPENSSL_cleanse(mac, BLOCK);
-    OPENSSL_cleanse(x, BLOCK);
-    OPENSSL_cleanse(tail, sizeof tail);
+    wipe(d, BLOCK);
+    wipe(mac, BLOCK);
+    wipe(x, BLOCK);
+    wipe(tail, sizeof tail);
     return ok;
 }
 
@@ -230,7 +247,7 @@ ctr_xor(AesSivObject *s, const unsigned char v[BLOCK], const unsigned char *in, 
     q[12] &= 0x7f;
     ok = EVP_EncryptInit_ex(s->ctr, NULL, NULL, NULL, q)
          && EVP_EncryptUpdate(s->ctr, out, &outl, in, (int)len) && outl == (int)len;
-    OPENSSL_cleanse(q, BLOCK);
+    wipe(q, BLOCK);
     return ok;
 }
 
@@ -277,17 +294,17 @@ open_pieces(AesSivObject *s, const Piece *ads, Py_ssize_t n_ads, const Py_buffer
     ok = ctr_xor(s, ct->buf, (const unsigned char *)ct->buf + BLOCK, plen, plain)
          && s2v(s, ads, n_ads, plain, plen, v);
     if (!ok) {
-        OPENSSL_cleanse(plain, plen);
+        wipe(plain, plen);
         Py_DECREF(result);
-        OPENSSL_cleanse(v, BLOCK);
+        wipe(v, BLOCK);
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES operation failed");
         return NULL;
     }
     /* Constant time: how much of a forged tag was right must not show. */
     ok = CRYPTO_memcmp(v, ct->buf, BLOCK) == 0;
-    OPENSSL_cleanse(v, BLOCK);
+    wipe(v, BLOCK);
     if (!ok) {
-        OPENSSL_cleanse(plain, plen);
+        wipe(plain, plen);
         Py_DECREF(result);
         PyErr_SetString(InvalidTag, "AES-SIV tag mismatch");
         return NULL;
@@ -302,10 +319,10 @@ AesSiv_dealloc(AesSivObject *self)
 {
     EVP_CIPHER_CTX_free(self->mac); /* frees and cleanses the key schedules */
     EVP_CIPHER_CTX_free(self->ctr);
-    OPENSSL_cleanse(self->sub1, BLOCK);
-    OPENSSL_cleanse(self->sub2, BLOCK);
-    OPENSSL_cleanse(self->d0, BLOCK);
-    OPENSSL_cleanse(self->chain, BLOCK);
+    wipe(self->sub1, BLOCK);
+    wipe(self->sub2, BLOCK);
+    wipe(self->d0, BLOCK);
+    wipe(self->chain, BLOCK);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -353,7 +370,7 @@ AesSiv_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         memcpy(self->sub2, self->sub1, BLOCK);
         dbl(self->sub2);
         ok = ok && cmac(self, zero, BLOCK, self->d0);
-        OPENSSL_cleanse(l, BLOCK);
+        wipe(l, BLOCK);
     }
     if (!ok) {
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL could not set up AES");
