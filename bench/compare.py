@@ -54,6 +54,7 @@ CHRONYD_NAME = "chronyd"
 NTSPY1 = "ntspy-1w"
 NTSPY2 = "ntspy-2w"
 NTSPY1_FLEET = "ntspy-1w-fleet"  # --keystore: ntspy-1w with its key ring in a Redis fleet
+NTSPY1_PURE = "ntspy-1w-py"  # --pure-python: ntspy-1w without its compiled parts
 
 
 @dataclass(slots=True)
@@ -229,9 +230,11 @@ def start_server(name: str, work: Path, pki: Path, settings: Settings,
         ])
         argv = [*pin, sys.executable, "-m", "ntspy", "serve", "-f", str(conf),
                 "--log-level", "warning"]
+    # ntspy-1w-py: the same server on its pure-Python paths (NTSPY_NO_ACCEL=1)
+    env = {**os.environ, "NTSPY_NO_ACCEL": "1"} if name == NTSPY1_PURE else None
     log = d / "server.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Server(name, proc, ntp_port, ke_port, log)
     try:
         _wait_ready(server, pki / "ca.pem")
@@ -610,7 +613,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--handshakes", type=int, help="NTS-KE sessions per run (default 1000)")
     p.add_argument("--chrony-clientlog", action="store_true",
                    help="leave both servers' client logs on (default: noclientlog, see docs)")
-    p.add_argument("--only", choices=[CHRONYD_NAME, NTSPY1, NTSPY2, NTSPY1_FLEET],
+    p.add_argument("--only", choices=[CHRONYD_NAME, NTSPY1, NTSPY2, NTSPY1_FLEET, NTSPY1_PURE],
                    action="append",
                    help="run only these servers")
     p.add_argument("--no-scaling", action="store_true",
@@ -619,6 +622,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--keystore", action="store_true",
                    help=f"also {NTSPY1_FLEET}: ntspy-1w with ntskeystore in a redis-server "
                         "started here (the cost of docs/scale.md's design on the packet path)")
+    p.add_argument("--pure-python", action="store_true",
+                   help=f"also {NTSPY1_PURE}: ntspy-1w with NTSPY_NO_ACCEL=1 (no compiled parts)")
     args = p.parse_args(argv)
     s = Settings()
     if args.quick:
@@ -631,6 +636,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     s.scaling = not args.no_scaling
     if args.keystore:
         s.variants.append(NTSPY1_FLEET)
+    if args.pure_python:
+        s.variants.append(NTSPY1_PURE)
     if args.only:
         s.variants = [v for v in s.variants if v in args.only]
     return s, args
