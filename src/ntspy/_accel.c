@@ -10,6 +10,19 @@
  */
 #include "_accel.h"
 
+int
+accel_add_type(PyObject *module, const char *name, PyTypeObject *type)
+{
+    if (PyType_Ready(type) < 0)
+        return -1;
+    Py_INCREF(type);
+    if (PyModule_AddObject(module, name, (PyObject *)type) < 0) {
+        Py_DECREF(type);
+        return -1;
+    }
+    return 0;
+}
+
 static PyMethodDef accel_functions[] = {
     {"recv_batch", (PyCFunction)(void (*)(void))accel_recv_batch, METH_FASTCALL, recv_batch_doc},
     {"send_batch", (PyCFunction)(void (*)(void))accel_send_batch, METH_FASTCALL, send_batch_doc},

@@ -53,6 +53,10 @@ typedef struct {
     size_t len;
 } Piece;
 
+/* _accel.c: ready ``type`` and add it to the module as ``name``; 0, or -1 with an
+ * exception set. */
+int accel_add_type(PyObject *module, const char *name, PyTypeObject *type);
+
 /* _accel_siv.c */
 extern PyTypeObject AesSivType;
 extern PyObject *InvalidTag;

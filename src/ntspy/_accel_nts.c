@@ -338,12 +338,5 @@ static PyTypeObject NtsPlanType = {
 int
 accel_nts_init(PyObject *module)
 {
-    if (PyType_Ready(&NtsPlanType) < 0)
-        return -1;
-    Py_INCREF(&NtsPlanType);
-    if (PyModule_AddObject(module, "NtsPlan", (PyObject *)&NtsPlanType) < 0) {
-        Py_DECREF(&NtsPlanType);
-        return -1;
-    }
-    return 0;
+    return accel_add_type(module, "NtsPlan", &NtsPlanType);
 }

@@ -145,12 +145,5 @@ static PyTypeObject RequestScannerType = {
 int
 accel_scan_init(PyObject *module)
 {
-    if (PyType_Ready(&RequestScannerType) < 0)
-        return -1;
-    Py_INCREF(&RequestScannerType);
-    if (PyModule_AddObject(module, "RequestScanner", (PyObject *)&RequestScannerType) < 0) {
-        Py_DECREF(&RequestScannerType);
-        return -1;
-    }
-    return 0;
+    return accel_add_type(module, "RequestScanner", &RequestScannerType);
 }

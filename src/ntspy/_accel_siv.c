@@ -610,8 +610,6 @@ accel_siv_init(PyObject *module)
             return -1;
         }
     }
-    if (PyType_Ready(&AesSivType) < 0)
-        return -1;
     if (InvalidTag == NULL) {
         InvalidTag = PyErr_NewExceptionWithDoc(
             "ntspy._accel.InvalidTag", "The input did not verify under this key.", NULL, NULL);
@@ -623,10 +621,5 @@ accel_siv_init(PyObject *module)
         Py_DECREF(InvalidTag);
         return -1;
     }
-    Py_INCREF(&AesSivType);
-    if (PyModule_AddObject(module, "AesSiv", (PyObject *)&AesSivType) < 0) {
-        Py_DECREF(&AesSivType);
-        return -1;
-    }
-    return 0;
+    return accel_add_type(module, "AesSiv", &AesSivType);
 }
