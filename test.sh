@@ -31,6 +31,11 @@ echo "== ruff"; ruff check src/ bench/ tests/
 echo "== mypy --strict"; mypy src/ntspy
 
 # No test may touch the clock: drop CAP_SYS_TIME for everything the tests start.
+# The suite runs twice: with the compiled parts (ntspy._accel, ntspy._ke), then on
+# the pure-Python paths alone (NTSPY_NO_ACCEL=1), which must pass the same tests.
 echo "== pytest"
-exec setpriv --bounding-set -sys_time --inh-caps -sys_time \
+setpriv --bounding-set -sys_time --inh-caps -sys_time \
+    python3 -m pytest -p no:cacheprovider "$@"
+echo "== pytest, pure Python (NTSPY_NO_ACCEL=1)"
+NTSPY_NO_ACCEL=1 exec setpriv --bounding-set -sys_time --inh-caps -sys_time \
     python3 -m pytest -p no:cacheprovider "$@"
