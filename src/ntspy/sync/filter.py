@@ -486,10 +486,12 @@ class SourceStats:
         samples = list(self._samples)
         times = [s.time for s in samples]
         delays = [s.delay for s in samples]
-        weights = _weights(delays, self._fit.sigma if self._fit else None)
+        sd = self._fit.sigma if self._fit else None
+        weights = _weights(delays, sd)
         offsets = self._correct_asymmetry(times, [s.offset for s in samples], delays, weights)
         phase_weights = weights
-        if self.asymmetry:
+        share = self.asymmetry
+        if share:
             # The correction took most of the queueing error out of the
             # offsets: for the line (the frequency) a sample that met a queue
             # is now nearly as good as one that did not, and the more samples
@@ -497,8 +499,7 @@ class SourceStats:
             # leg's queueing, which the correction cannot see and which only
             # ever adds: the phase, whose error the clock shows directly, is
             # taken from the quickest samples.
-            sd = self._fit.sigma if self._fit else None
-            weights = _weights(delays, sd, max(0.5 - abs(self.asymmetry), MIN_RESIDUAL_SHARE))
+            weights = _weights(delays, sd, max(0.5 - abs(share), MIN_RESIDUAL_SHARE))
             phase_weights = _weights(delays, sd, PHASE_EXCESS_SHARE)
         start = 0
         while True:
